@@ -1,0 +1,84 @@
+"""Property-based tests: random CNNs x random removals; the pruned model equals the masked original."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pare
+from tests.randnets import RandomNet, block_specs, heads, random_removals, randomize_norms
+
+# A fixed, derandomised profile in CI (same cases every run); more examples locally with PARE_HYPOTHESIS=dev.
+settings.register_profile(
+    "ci", max_examples=260, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("PARE_HYPOTHESIS", "ci"))
+
+
+def _build(spec: list[tuple[str, int]], head: str, seed: int, dtype: torch.dtype) -> tuple[RandomNet, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = RandomNet(spec, head).to(dtype)
+    randomize_norms(model, gen)
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=dtype)
+    return model, x
+
+
+@given(spec=block_specs, head=heads, seed=st.integers(0, 2**16), fraction=st.sampled_from([0.3, 0.6, 0.9]))
+def test_random_cnn_pruned_equals_masked_float64(spec, head, seed, fraction):
+    model, x = _build(spec, head, seed, torch.float64)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = pare.trace(model, x)
+    removals = random_removals(graph, np.random.default_rng(seed), fraction)
+    pruned = graph.prune(removals, verify=True)
+    out = pruned(x)
+    assert out.shape == (2, 5)
+    assert torch.isfinite(out).all()
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in pruned.parameters())
+    assert after <= before
+    if any(removals.values()):
+        assert after < before
+
+
+@given(spec=block_specs, head=heads, seed=st.integers(0, 2**16))
+@settings(max_examples=120)
+def test_random_cnn_float32_train_mode_and_repeat(spec, head, seed):
+    """float32 tolerance; the pruned model keeps train mode; pruning a pruned model again still verifies."""
+    model, x = _build(spec, head, seed, torch.float32)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = pare.trace(model, x)
+        first = graph.prune(random_removals(graph, np.random.default_rng(seed), 0.4), verify=True)
+        assert first.training
+        again = pare.trace(first, x)
+        second = again.prune(random_removals(again, np.random.default_rng(seed + 1), 0.4), verify=True)
+    second.eval()
+    assert second(x).shape == (2, 5)
+
+
+@given(spec=block_specs, seed=st.integers(0, 2**16))
+@settings(max_examples=120)
+def test_groups_partition_the_prunable_channels(spec, seed):
+    """Every producer channel belongs to exactly one group, and group sizes match their producers' slices."""
+    model, x = _build(spec, "gap", seed, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = pare.trace(model, x)
+    covered: dict[str, int] = {}
+    for g in graph.groups:
+        for m in g.producers():
+            if m.param == "weight":
+                covered[m.module] = covered.get(m.module, 0) + g.size
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and name in covered:
+            assert covered[name] == module.out_channels, name
