@@ -1,34 +1,54 @@
-"""pare: structural channel pruning for convolutional networks."""
+"""pare: structural channel pruning for convolutional networks.
+
+The pipeline, one module each: ``pare.trace`` (channel groups) -> ``pare.criteria`` (scores) -> ``pare.allocate``
+(how many per group) -> ``ChannelGraph.prune`` (verified surgery) -> ``pare.train`` (fine-tuning) -> ``pare.io``
+(artifacts, ONNX).
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pare.errors import (  # noqa: I001
+from pare.count import Counts, count
+from pare.errors import (
     BudgetError,
     CheckpointError,
     ConfigError,
     DataError,
     EquivalenceError,
+    ExportError,
     PareError,
     PruneError,
     TraceError,
+    TrainingDivergedError,
 )
-
+from pare.evaluate import evaluate, recalibrate_bn
 from pare.graph import ChannelGraph, Group, Member, trace
+from pare.io import export_onnx, load, load_checkpoint, read_metadata, save
 
 __all__ = [
     "BudgetError",
     "ChannelGraph",
     "CheckpointError",
     "ConfigError",
+    "Counts",
     "DataError",
     "EquivalenceError",
+    "ExportError",
     "Group",
     "Member",
     "PareError",
     "PruneError",
     "TraceError",
+    "TrainingDivergedError",
     "__version__",
+    "count",
+    "evaluate",
+    "export_onnx",
+    "load",
+    "load_checkpoint",
+    "read_metadata",
+    "recalibrate_bn",
+    "save",
     "trace",
 ]

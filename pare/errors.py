@@ -44,3 +44,11 @@ class BudgetError(PareError):
 
 class ConfigError(PareError):
     """A configuration value is invalid."""
+
+
+class ExportError(PareError):
+    """A model could not be exported (ONNX)."""
+
+
+class TrainingDivergedError(PareError):
+    """Training produced a non-finite loss."""

@@ -132,6 +132,76 @@ class ChannelGraph:
         n = len(self.prunable_groups)
         return f"ChannelGraph({type(self.model).__name__}: {len(self.groups)} groups, {n} prunable)"
 
+    def positions(self, gid: str, node: fx.Node | str) -> np.ndarray:
+        """Positions along dim 1 of ``node``'s output that hold group ``gid``'s channels, in group order.
+
+        Shape: (group.size,) int64. Raises PruneError when the node's output does not carry the whole group.
+        """
+        if isinstance(node, str):
+            node = next(n for n in self.gm.graph.nodes if n.name == node)
+        value = self.ctx.values.get(node)
+        cls = self._classes[self.group(gid).id]
+        if isinstance(value, rules.Value):
+            pos = 0
+            starts: dict[tuple[int, int], int] = {}
+            for seg in value.layout:
+                for atom in cls.atoms:
+                    if seg.space == atom.space and seg.start <= atom.start < seg.start + seg.length:
+                        starts.setdefault((atom.space, atom.start), pos + atom.start - seg.start)
+                pos += seg.length
+            if starts:
+                first = min(starts.values())
+                if value.expand == 1:
+                    return np.arange(first, first + cls.size, dtype=np.int64)
+        raise PruneError(f"node '{node.name}' does not carry the channels of group '{gid}'")
+
+    def feature_node(self, gid: str) -> fx.Node:
+        """The traced node whose output best represents group ``gid``'s channels for data-driven criteria.
+
+        Starting at the group's first producer, follow the single chain of per-channel operators (norms,
+        activations, residual additions) and stop before a node with several users or a consumer: for a
+        conv-BN-ReLU this is the ReLU output (as CHIP and HRank hook), for the last conv of a residual block it
+        is the activation after the addition (as CHIP's ``relu2``).
+        """
+        group = self.group(gid)
+        producer = next((m.module for m in group.members if m.role == "out"), None)
+        if producer is None:
+            raise PruneError(f"group '{gid}' has no producer")
+        node = next(n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == producer)
+        while len(node.users) == 1:
+            nxt = next(iter(node.users))
+            if not self._is_per_channel(nxt, node):
+                break
+            node = nxt
+        return node
+
+    def _is_per_channel(self, node: fx.Node, source: fx.Node) -> bool:
+        v_in, v_out = self.ctx.values.get(source), self.ctx.values.get(node)
+        if not isinstance(v_out, rules.Value) or not isinstance(v_in, rules.Value) or v_out.expand != 1:
+            return False
+        if node.op == "call_module":
+            module = self.gm.get_submodule(str(node.target))
+            return isinstance(module, rules.PER_CHANNEL_MODULES)
+        name, _ = rules.function_rule(node)
+        return name in rules.PER_CHANNEL_FUNCTIONS
+
+    def capture(self, nodes: Sequence[fx.Node]) -> nn.Module:
+        """A module that runs the traced model and returns ``{node.name: output}`` for ``nodes``.
+
+        Runs at native speed (a GraphModule, not an interpreter); used to stream activation statistics.
+        """
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "output":
+                continue
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        graph.output({n.name: env[n] for n in nodes})
+        module = fx.GraphModule(self.gm, graph, "Capture")
+        module.graph.eliminate_dead_code()
+        module.recompile()
+        return module
+
     # -- pruning ----------------------------------------------------------------------------------------------
 
     def _validate(self, removals: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:

@@ -453,6 +453,16 @@ MODULE_RULES: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], ModuleRu
 ]
 
 
+#: Per-channel module and function kinds that ``ChannelGraph.feature_node`` walks through.
+PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
+    _BatchNorm, _InstanceNorm, nn.GroupNorm, nn.PReLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
+    nn.Hardswish, nn.Hardtanh, nn.ELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Identity,
+)
+PER_CHANNEL_FUNCTIONS = frozenset(
+    {"relu", "relu6", "gelu", "silu", "hardswish", "hardtanh", "leaky_relu", "elu", "mish", "sigmoid", "tanh", "add"}
+)
+
+
 def module_rule(m: nn.Module) -> ModuleRule | None:
     for types, rule in MODULE_RULES:
         if isinstance(m, types):

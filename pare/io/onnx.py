@@ -22,14 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pare.errors import ConfigError, PareError
+from pare.errors import ConfigError, ExportError, PareError
 from pare.io._atomic import atomic_path, fsync_file
 
 _EXPORTERS = ("auto", "torchscript", "dynamo")
 
-
-class ExportError(PareError):
-    """The model could not be exported to ONNX."""
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

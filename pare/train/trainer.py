@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pare.errors import CheckpointError, ConfigError, PareError
+from pare.errors import CheckpointError, ConfigError, TrainingDivergedError
 from pare.train.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -59,9 +59,6 @@ log = logging.getLogger("pare.train")
 
 METRICS_NAME = "metrics.jsonl"
 
-
-class TrainingDivergedError(PareError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass
