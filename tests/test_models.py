@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from pare.errors import CheckpointError, ConfigError
+from pare.io import load_checkpoint
 from pare.layers import ZeroPadShortcut
-from pare.models import create, current_spec, list_models, load_state_dict_compat
-from pare.models.checkpoint import load_checkpoint_file
+from pare.models import create, current_spec, list_models
 from tests.conftest import shared_path
 
 NATURAL_INPUTS: dict[str, tuple[int, ...]] = {
@@ -207,24 +207,24 @@ def test_akamaster_checkpoints_load(depth: int) -> None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     raw_keys = set(checkpoint["state_dict"])
     model = create(f"resnet{depth}")
-    missing = load_state_dict_compat(model, checkpoint, source=str(path))
+    info = load_checkpoint(model, path)
     # Only BatchNorm's num_batches_tracked buffers are absent from these pre-0.4.1 checkpoints.
-    assert missing and all(key.endswith("num_batches_tracked") for key in missing)
+    kept = [key for key in model.state_dict() if key.endswith("num_batches_tracked")]
     n_bn = sum(isinstance(module, nn.BatchNorm2d) for module in model.modules())
-    assert len(missing) == n_bn
-    assert {f"module.{key}" for key in model.state_dict() if key not in missing} == raw_keys
+    assert info["format"] == "akamaster-th" and info["kept_from_model"] == len(kept) == n_bn
+    assert {f"module.{key}" for key in model.state_dict() if key not in kept} == raw_keys
     assert torch.equal(model.linear.weight, checkpoint["state_dict"]["module.linear.weight"])
 
 
 @pytest.mark.shared
 def test_checkpoint_mismatch_is_refused() -> None:
     path = shared_path("weights", AKAMASTER[20])
-    with pytest.raises(CheckpointError, match=r"missing \d+ keys"):
-        load_checkpoint_file(create("resnet56"), path)
-    with pytest.raises(CheckpointError, match="has shape"):
-        load_checkpoint_file(create("resnet20", sparsity="[0.5]*12"), path)
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint_file(create("resnet20"), path.with_name("absent.th"))
+    with pytest.raises(CheckpointError, match="missing from file"):
+        load_checkpoint(create("resnet56"), path)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checkpoint(create("resnet20", sparsity="[0.5]*12"), path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(create("resnet20"), path.with_name("absent.th"))
 
 
 def _lossless_test_images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +238,7 @@ def _lossless_test_images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.shared
 def test_pretrained_resnet56_classifies_lossless_images() -> None:
     model = create("resnet56")
-    load_checkpoint_file(model, shared_path("weights", AKAMASTER[56]))
+    load_checkpoint(model, shared_path("weights", AKAMASTER[56]))
     images, labels = _lossless_test_images(64)
     with torch.no_grad():
         correct = int((model.eval()(images).argmax(dim=1) == labels).sum())
@@ -249,7 +249,7 @@ def test_pretrained_resnet56_classifies_lossless_images() -> None:
 def test_pretrained_resnet20_matches_documented_accuracy() -> None:
     """SOURCES.md: ResNet-20 scores 91.63% on the 932 lossless test images (854 correct)."""
     model = create("resnet20")
-    load_checkpoint_file(model, shared_path("weights", AKAMASTER[20]))
+    load_checkpoint(model, shared_path("weights", AKAMASTER[20]))
     images, labels = _lossless_test_images(932)
     with torch.no_grad():
         correct = int((model.eval()(images).argmax(dim=1) == labels).sum())

@@ -15,7 +15,6 @@ from pare.models import (  # noqa: F401  (imported for their @register_model sid
     small_cnn,
     vgg_cifar,
 )
-from pare.models.checkpoint import load_checkpoint_file, load_state_dict_compat
 from pare.models.registry import create, get_entry, list_models, register_model
 from pare.models.sparsity import parse_sparsity
 from pare.models.spec import current_spec
@@ -25,8 +24,6 @@ __all__ = [
     "current_spec",
     "get_entry",
     "list_models",
-    "load_checkpoint_file",
-    "load_state_dict_compat",
     "parse_sparsity",
     "register_model",
 ]

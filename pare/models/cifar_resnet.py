@@ -2,7 +2,7 @@
 
 Option A is the parameter-free zero-padding shortcut used by akamaster/pytorch_resnet_cifar10, HRank and CHIP.
 The state_dict keys are exactly akamaster's (``conv1, bn1, layer{1,2,3}.{i}.conv1/bn1/conv2/bn2, linear``), so
-its pretrained checkpoints load directly (see :func:`pare.models.checkpoint.load_state_dict_compat`).
+its pretrained checkpoints load directly (see :func:`pare.io.load_checkpoint`).
 
 Widths. A network of depth ``6n + 2`` has ``B = 3n`` BasicBlocks. Its widths are the flat list ``[stem, mid_1,
 out_1, mid_2, out_2, ..., mid_B, out_B]`` (1 + 2B ints): the output channels of every conv in module order
