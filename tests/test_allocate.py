@@ -77,12 +77,23 @@ def test_budget_rejects_bad_sparsity_string() -> None:
 # -- cost model ---------------------------------------------------------------------------------------------------
 
 
+_MODELS: dict[str, nn.Module] = {}
+
+
+def _model(name: str) -> nn.Module:
+    """Zoo models built once per test session (building ResNet-50 is the slow part)."""
+    if name not in _MODELS:
+        _MODELS[name] = create(name, num_classes=10).eval()
+    return _MODELS[name]
+
+
 @pytest.mark.parametrize(
-    ("name", "x"), [("resnet56", X32), ("vgg16_bn_cifar", X32), ("mobilenet_v2", X64), ("resnet50", X64)]
+    ("name", "x", "convention"),
+    [("resnet56", X32, "chip"), ("vgg16_bn_cifar", X32, "chip"), ("mobilenet_v2", X64, "macs"),
+     ("resnet50", X64, "macs")],
 )
-@pytest.mark.parametrize("convention", ["macs", "chip"])
 def test_cost_model_matches_counter(name: str, x: torch.Tensor, convention: str) -> None:
-    model = create(name, num_classes=10).eval()
+    model = _model(name)
     graph = pare.trace(model, x)
     cost = CostModel(model, graph, x, convention)
     rng = np.random.default_rng(1)
@@ -136,7 +147,7 @@ def test_protected_by_group_id_and_module_path() -> None:
 
 
 def test_round_to_and_min_channels() -> None:
-    model = create("resnet56").eval()
+    model = _model("resnet56")
     res = prune(model, X32, criterion=WeightL1(), target=Budget(macs_reduction=0.4), round_to=8,
                 min_channels=8, verify=False)
     for g in res.groups:
@@ -186,11 +197,12 @@ def test_uniform_order_prefix_is_uniform() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "x"), [("resnet56", X32), ("vgg16_bn_cifar", X32), ("resnet50", X64), ("mobilenet_v2", X64)]
+    ("name", "x", "allocation"),
+    [("resnet56", X32, "global"), ("resnet56", X32, "uniform"), ("vgg16_bn_cifar", X32, "global"),
+     ("resnet50", X64, "global"), ("mobilenet_v2", X64, "global"), ("mobilenet_v2", X64, "uniform")],
 )
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_macs_target_within_half_a_point(name: str, x: torch.Tensor, allocation: str) -> None:
-    model = create(name, num_classes=10).eval()
+    model = _model(name)
     for target in (0.3, 0.5):
         res = prune(model, x, criterion=WeightL1(), target=Budget(macs_reduction=target), allocation=allocation,
                     verify=False)
@@ -228,10 +240,11 @@ def test_search_order_skips_overshooting_groups() -> None:
 
 def test_sparsity_replay_vgg16_and_resnet50_match_the_zoo_exactly() -> None:
     for name, x, sp in [("vgg16_bn_cifar", X32, "[0.21]*7+[0.75]*5"), ("resnet50", X64, "[0.]+[0.1]*3+[0.3]*16")]:
-        model = create(name).eval()
+        model = _model(name)
         res = prune(model, x, criterion=WeightL1(), target=Budget(sparsity=sp), verify=False)
-        assert res.counts_after.macs == count(create(name, sparsity=sp), x).macs
-        assert res.counts_after.params == count(create(name, sparsity=sp), x).params
+        reference = count(create(name, num_classes=10, sparsity=sp), x)
+        assert res.counts_after.macs == reference.macs
+        assert res.counts_after.params == reference.params
         assert res.notes == []
 
 

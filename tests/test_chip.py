@@ -37,6 +37,7 @@ CASES = {
     "rank5": lambda: _low_rank(16, 64),
     "post_relu_maps": lambda: torch.relu(torch.randn(3, 32, 8, 8, generator=_gen(4))) * 7,
     "one_channel": lambda: torch.randn(2, 1, 10, generator=_gen(5), dtype=torch.float64),
+    "fully_connected": lambda: torch.randn(4, 6, generator=_gen(11), dtype=torch.float64),
 }
 
 

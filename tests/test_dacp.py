@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import pare
-import pare.models
 import pare.methods.dacp as dacp
+import pare.models
 from pare.methods.dacp import DacpHook, connectivity_weights, dacp_penalty, dacp_removals
 
 

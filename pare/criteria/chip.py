@@ -21,7 +21,7 @@ the same numbers exactly from one symmetric eigendecomposition per image:
 * For all channels j and quadrature nodes at once, the two sums are two matrix products W @ F (c × c by c × T),
   batched over images. Cost per image: one c × c eigendecomposition plus O(c²·T) GEMM work, T ≈ 100 nodes.
 
-Exactness: float64 throughout; the quadrature error is ~1e-10 relative or below. The remaining error is the usual one
+Exactness: float64 throughout; the quadrature error is below 1e-11 relative. The remaining error is the usual one
 of eigenvalues of a Gram matrix, ~√(ε·‖G‖) for eigenvalues that are exactly 0; when c > hw (many such) the thin
 SVD of A is used instead, which keeps them at 0. An all-zero row has CI exactly 0 (zeroing it changes nothing)
 and is set so rather than computed.
@@ -41,10 +41,10 @@ from pare.graph import Group
 from .base import Criterion, ScoreContext, register_criterion
 from .stats import feature_sites, stream_maps
 
-#: Quadrature in u = ln(t / σ_max): nodes from σ_max·1e-10 to σ_max·1e4 with step H (92 nodes). Below the grid the
-#: integrand is at most 1, so the missing part is < 1e-10·σ_max; above it the closed-form tail is accurate to ~1e-8
-#: relative of a part that is itself ≤ 1e-4·σ_max; the step's error is ~exp(−π²/H), ~1e-10 relative in practice.
-U_LO = math.log(1e-10)
+#: Quadrature in u = ln(t / σ_max): nodes from σ_max·1e-12 to σ_max·1e4 with step H (106 nodes). Below the grid the
+#: integrand is at most 1, so the missing part is < 1e-12·σ_max; above it the closed-form tail is accurate to ~1e-8
+#: relative of a part that is itself ≤ 1e-4·σ_max; the step's error is ~exp(−π²/H) ≈ 6e-13 relative.
+U_LO = math.log(1e-12)
 U_HI = math.log(1e4)
 H = 0.35
 #: Gram eigenvalues below GRAM_ZERO·c·ε·λ_max count as exact zeros (see _spectrum).
@@ -52,8 +52,8 @@ GRAM_ZERO = 16.0
 
 
 def _as_rows(maps: torch.Tensor) -> torch.Tensor:
-    """(N, c, h, w) or (N, c, hw) -> (N, c, hw) float64."""
-    if maps.dim() < 3:
+    """(N, c, h, w), (N, c, hw) or (N, c) (a fully connected layer: one value per channel) -> (N, c, hw) float64."""
+    if maps.dim() < 2:
         raise ValueError(f"CHIP needs maps of shape (N, c, ...), got {tuple(maps.shape)}")
     return maps.reshape(maps.shape[0], maps.shape[1], -1).to(torch.float64)
 

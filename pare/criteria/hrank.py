@@ -19,8 +19,11 @@ def map_ranks(maps: torch.Tensor) -> torch.Tensor:
     Computed in the maps' own dtype with torch's default tolerance (σ_max·max(h, w)·eps), like the official code's
     ``torch.matrix_rank`` on float32 maps; float64 maps would count some near-degenerate maps one higher.
     """
-    if maps.dim() != 4:
-        raise ValueError(f"HRank needs (N, C, h, w) maps, got shape {tuple(maps.shape)}")
+    if maps.dim() < 2 or maps.dim() > 4:
+        raise ValueError(f"HRank needs (N, C[, h[, w]]) maps, got shape {tuple(maps.shape)}")
+    # A fully connected output (N, C) or a 1-D map (N, C, L) is a 1×1 or 1×L matrix per channel.
+    while maps.dim() < 4:
+        maps = maps.unsqueeze(2)
     return torch.linalg.matrix_rank(maps)
 
 

@@ -246,8 +246,11 @@ class SimilarityClustering(Criterion):
     def score(self, ctx: ScoreContext, groups: Sequence[Group]) -> dict[str, np.ndarray]:
         """|γ| per channel of every handled group; skipped groups (residual sums by default) are absent."""
         handled = [g for g in groups if self.handles(g)]
+        self.last_clusters = {}
         if self.rho == "data":
-            self._data_rho(ctx, handled)  # one pass over the calibration data for all groups
+            # Fresh statistics for this model state; select() then reuses them (one calibration pass in all).
+            self._rho_cache = {}
+            self._data_rho(ctx, handled)
         return {g.id: np.abs(self._gamma_beta_weights(ctx.model, g)[0]).astype(np.float64) for g in handled}
 
     def cluster(self, ctx: ScoreContext, group: Group, n_remove: int) -> dict[int, list[int]]:
