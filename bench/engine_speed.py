@@ -111,7 +111,8 @@ def main() -> None:
                               "error": next((r.get("error") for r in runs_tp if not r["ok"]), None)},
             "time_ratio_pare_over_tp": med["total_s"] / med_tp["total_s"],
         }
-        tp_note = "" if rows[name]["torch_pruning"]["ok"] else f"  (Torch-Pruning model broken: {rows[name]['torch_pruning']['error']})"
+        error = rows[name]["torch_pruning"]["error"]
+        tp_note = "" if rows[name]["torch_pruning"]["ok"] else f"  (Torch-Pruning model broken: {error})"
         print(f"{name}: pare {med['total_s']:.3f} s (graph {med['graph_s']:.3f} + prune {med['prune_s']:.3f}); "
               f"Torch-Pruning {med_tp['total_s']:.3f} s; ratio {rows[name]['time_ratio_pare_over_tp']:.2f}{tp_note}")
     import torch_pruning as tp
