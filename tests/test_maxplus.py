@@ -177,7 +177,7 @@ def test_replace_head_with_maxplus_on_a_cnn() -> None:
         feats = captured[0]  # the unpruned body's pooled features (N, 8)
         expected = (feats[:, [0, 3, 5]].unsqueeze(2) + layer.weight[[0, 3, 5]].unsqueeze(0)).amax(1)
         assert torch.allclose(pruned(x), expected, atol=1e-12)
-    with pytest.raises(ConfigError, match="not nn.Linear"):
+    with pytest.raises(ConfigError, match=r"not nn\.Linear"):
         replace_head_with_maxplus(model, "conv1")
 
 

@@ -333,7 +333,7 @@ def interior_difference(a: torch.Tensor, b: torch.Tensor, margin: int) -> tuple[
     """
     if a.shape != b.shape or a.dim() != 4:
         raise ValueError(f"need two (N, C, H, W) maps of the same shape, got {tuple(a.shape)}, {tuple(b.shape)}")
-    diff = (a - b).abs()
+    diff = (a.detach() - b.detach()).abs()
     h, w = a.shape[2], a.shape[3]
     inner = diff[:, :, margin:h - margin, margin:w - margin]
     return float(inner.max()) if inner.numel() else 0.0, float(diff.max())
