@@ -129,8 +129,6 @@ def test_compensation_strictly_reduces_consumer_error() -> None:
     assert after < 0.9 * before
     assert report["3"]["after"] < report["3"]["before"]
     # The solver's own error figures agree with the measured ones (same data, all positions).
-    ref = _consumer_error(model, nn.Sequential(*list(model.children())[:3], nn.Identity()), data, "3")
-    assert ref > 0
     assert report["3"]["before"] == pytest.approx(before / _total_energy(model, data, "3"), rel=1e-6)
 
 
