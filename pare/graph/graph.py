@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ class ChannelGraph:
             # A consumer that reads part of a space (a split piece, a narrow) must see whole groups, so that
             # every group lists all its members and no removal can empty a consumer's input.
             self.ctx.part.keep_whole(use.layout)
-        classes, _ = self.ctx.part.solve()
+        classes = self.ctx.part.solve()
         self._classes: dict[str, AtomClass] = {}
         self.groups: list[Group] = self._make_groups(classes)
         self._by_id = {g.id: g for g in self.groups}
@@ -269,7 +270,8 @@ class ChannelGraph:
                 change = rebuild(ctx, node) if rebuild is not None else None
                 if change is not None:
                     arg_changes[node] = change
-        new_model = rules.deepcopy_with(self.model, replacements)
+        # The memo substitutes the rebuilt modules, so their big original weights are never copied.
+        new_model = copy.deepcopy(self.model, dict(replacements))
         self._replace_params(new_model)
         pruned: nn.Module = new_model
         graph = self.gm.graph

@@ -174,8 +174,8 @@ class Partition:
                                 queued.add(dst.space)
         return cuts
 
-    def solve(self) -> tuple[list[AtomClass], dict[tuple[int, int], int]]:
-        """Return the atom classes and a map (space, atom start) -> class index."""
+    def solve(self) -> list[AtomClass]:
+        """Return the atom classes (the groups, before naming)."""
         cuts = self._cuts()
         atoms: list[Atom] = []
         index: dict[tuple[int, int], int] = {}
@@ -233,4 +233,4 @@ class Partition:
                         cls.frozen.append(msg)
                 else:
                     cls.block = cls.block * block // gcd(cls.block, block)
-        return result, class_of_atom
+        return result

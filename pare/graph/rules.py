@@ -13,7 +13,6 @@ canonical name (:mod:`pare.graph.ops`). Anything else is opaque: the channels it
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -928,8 +927,3 @@ FUNCTION_REBUILDS: dict[str, FunctionRebuild] = {
 def function_rule(node: fx.Node) -> tuple[str | None, FunctionRule | None]:
     name = ops.canonical_name(node.op, node.target)
     return name, (FUNCTION_RULES.get(name) if name else None)
-
-
-def deepcopy_with(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
-    """Deep-copy ``model``, substituting the modules whose ids are keys of ``replacements``."""
-    return copy.deepcopy(model, dict(replacements))
