@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pare.allocate.budget import Budget
 from pare.count import Counts, count
 from pare.errors import (
     BudgetError,
@@ -25,8 +26,11 @@ from pare.errors import (
 from pare.evaluate import evaluate, recalibrate_bn
 from pare.graph import ChannelGraph, Group, Member, trace
 from pare.io import export_onnx, load, load_checkpoint, read_metadata, save
+from pare.latency import Latency, measure_latency
+from pare.prune import PruneResult, prune
 
 __all__ = [
+    "Budget",
     "BudgetError",
     "ChannelGraph",
     "CheckpointError",
@@ -36,9 +40,11 @@ __all__ = [
     "EquivalenceError",
     "ExportError",
     "Group",
+    "Latency",
     "Member",
     "PareError",
     "PruneError",
+    "PruneResult",
     "TraceError",
     "TrainingDivergedError",
     "__version__",
@@ -47,6 +53,8 @@ __all__ = [
     "export_onnx",
     "load",
     "load_checkpoint",
+    "measure_latency",
+    "prune",
     "read_metadata",
     "recalibrate_bn",
     "save",
