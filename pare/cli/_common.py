@@ -1,0 +1,727 @@
+"""Shared pieces of the ``pare`` subcommands: argument groups, console output, model/data loading,
+normalisation, output folders and the ``--config`` file.
+
+The CLI stays thin: everything here parses, loads or formats; the work itself is done by library calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pare.errors import CheckpointError, ConfigError, DataError
+
+BUDGET_DESTS = ("reduce_macs", "reduce_params", "channel_ratio", "sparsity", "reduce_latency")
+NORMALIZATIONS = ("cifar", "imagenet", "mnist", "none")
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+class UsageError(Exception):
+    """An argparse usage error, turned into one ``pare: error:`` line by :func:`pare.cli.main.main`."""
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors raise :class:`UsageError` (with a did-you-mean for bad choices) instead of
+    printing the usage block and exiting, so that every error is one line."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if match:
+            choices = [c.strip().strip("'") for c in match.group(2).split(",")]
+            close = difflib.get_close_matches(match.group(1), choices, n=3)
+            if close:
+                message += f"; did you mean {', '.join(close)}?"
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples in epilogs as written and shows defaults."""
+
+
+def global_flags() -> argparse.ArgumentParser:
+    """Parent parser of every subcommand: --json/--debug/--quiet are accepted before or after the subcommand.
+
+    ``default=SUPPRESS`` keeps a subcommand from resetting a flag that was given before it.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("output")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print one JSON document on stdout instead of tables")
+    group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback on errors")
+    group.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress messages or bars on stderr")
+    return parent
+
+
+def add_subcommand(
+    subparsers: Any, name: str, *, help: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=HelpFormatter,
+        parents=[global_flags()],
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number; the range check is the library's (Budget raises BudgetError for values outside [0, 1))."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def int_list(text: str) -> list[int]:
+    """'1,16' -> [1, 16]."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """'width=32' -> ('width', 32); the value is read as JSON when it parses, else kept as a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def input_size(text: str) -> tuple[int, int, int]:
+    """'3x32x32' or '3,32,32' -> (3, 32, 32): channels, height, width of one image."""
+    parts = re.split(r"[x,]", text.lower())
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x32x32, got {text!r}") from None
+    if len(values) != 3 or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected CxHxW with positive sizes such as 3x32x32, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The exact command line, quoted so that it can be pasted into a shell."""
+    return shlex.join(["pare", *argv])
+
+
+# ------------------------------------------------------------------------------------------------ console
+@dataclass
+class Console:
+    """Where output goes: tables and results on stdout (or one JSON document with ``--json``), progress
+    messages on stderr (none with ``--quiet``)."""
+
+    json: bool = False
+    quiet: bool = False
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(f"pare: {message}", file=sys.stderr, flush=True)
+
+    def out(self, text: str = "") -> None:
+        if not self.json:
+            print(text, flush=True)
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+        if self.json:
+            return
+        if title:
+            print(title)
+        print(format_table(headers, rows), flush=True)
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars only for a person at a terminal: not quiet, not --json, stdout and stderr are TTYs
+        and the CI environment variable is unset."""
+        return (not self.quiet and not self.json and sys.stdout.isatty() and sys.stderr.isatty()
+                and not os.environ.get("CI"))
+
+    def bar(self, items: Iterable[Any], desc: str, total: int | None = None) -> Iterator[Any]:
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, total=total, disable=not self.progress, leave=False, file=sys.stderr)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Plain fixed-width text table; numbers right-aligned."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    numeric = [all(_looks_numeric(row[i]) for row in cells) and bool(cells) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(list(headers)), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?[\d.,]+\s*(%|ms|s|[kMG]|x)?( \(.*\))?|-", text))
+
+
+# ------------------------------------------------------------------------------------------------- device
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1' -> torch.device; ConfigError when CUDA is requested but absent."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------------- model
+@dataclass
+class LoadedModel:
+    """A model from the zoo (optionally with a checkpoint) or from a pare artifact."""
+
+    model: nn.Module
+    label: str
+    source: str  # "zoo" or "artifact"
+    path: str | None = None  # artifact or weights file
+    sha256: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recorded_input_shape(self) -> tuple[int, int, int] | None:
+        shape = self.provenance.get("input_shape")
+        return tuple(int(v) for v in shape) if isinstance(shape, list) and len(shape) == 3 else None  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        zoo = getattr(self.model, "pare_zoo", None)
+        return {"name": self.label, "source": self.source, "path": self.path, "sha256": self.sha256,
+                "zoo": zoo}
+
+
+def is_artifact_path(spec: str) -> bool:
+    """A model argument names a file (artifact) rather than a zoo model when it exists or looks like a path."""
+    return Path(spec).exists() or os.sep in spec or spec.endswith((".safetensors", ".th", ".pt", ".pth"))
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    if weights:
+        group.add_argument("--weights", metavar="PATH",
+                           help="checkpoint for a zoo model (.th/.pt/.pth read weights-only, or safetensors)")
+    group.add_argument("--num-classes", type=positive_int, metavar="N",
+                       help="classifier size of a zoo model (default: the data set's class count, else the "
+                       "model's default)")
+    group.add_argument("--model-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="extra zoo constructor option, e.g. width=32 (repeatable)")
+    group.add_argument("--input-size", type=input_size, metavar="CxHxW",
+                       help="image size for tracing/counting, e.g. 3x32x32 (default: from the data or the "
+                       "artifact)")
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> LoadedModel:
+    """``spec`` is a pare artifact file or a zoo name (+ optional ``weights``)."""
+    import pare
+    from pare.io import sha256_file
+    from pare.models import create
+
+    if is_artifact_path(spec):
+        path = Path(spec)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such model file (give a pare artifact or a zoo model name)")
+        if weights is not None:
+            raise ConfigError("--weights cannot be combined with an artifact, which holds its own weights")
+        try:
+            meta = pare.read_metadata(path)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}; to load a checkpoint, give the zoo model name and --weights {path}"
+            ) from None
+        model = pare.load(path)
+        return LoadedModel(model, str(path), "artifact", str(path), sha256_file(path), meta["provenance"])
+    model = create(spec, num_classes=num_classes, **dict(options))
+    loaded = LoadedModel(model, spec, "zoo")
+    if weights is not None:
+        info = pare.load_checkpoint(model, weights)
+        loaded.path, loaded.sha256 = str(weights), info.get("sha256")
+    return loaded
+
+
+def example_inputs(shape: tuple[int, int, int], batch: int = 1, device: torch.device | None = None) -> torch.Tensor:
+    """Seeded random images (batch, C, H, W) for tracing, counting and timing (the values do not matter)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((batch, *shape), generator=gen).to(device or "cpu")
+
+
+def pick_input_shape(
+    given: tuple[int, int, int] | None,
+    loaded: LoadedModel | None = None,
+    dataset: Any = None,
+) -> tuple[int, int, int]:
+    """--input-size, else the data set's image size, else the artifact's recorded one; ConfigError if none."""
+    if given is not None:
+        return given
+    if dataset is not None:
+        return tuple(int(v) for v in dataset.images.shape[1:])  # type: ignore[return-value]
+    if loaded is not None and loaded.recorded_input_shape is not None:
+        return loaded.recorded_input_shape
+    raise ConfigError("cannot tell the input size: pass --input-size CxHxW (e.g. 3x32x32) or --data")
+
+
+# --------------------------------------------------------------------------------------------------- data
+def add_data_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="PATH", required=required,
+                       help="data set: CIFAR-10/100 pickle or binary folder, MNIST IDX folder, image folder with "
+                       "train/ and test/, JPEG tarball (or its folder), lossless npz, or the name 'digits'")
+    group.add_argument("--normalization", choices=NORMALIZATIONS,
+                       help="per-channel normalisation preset (default: recorded in the artifact, else cifar for "
+                       "3-channel and mnist for 1-channel data); akamaster checkpoints need imagenet")
+    group.add_argument("--mean", type=float_list, metavar="M1,M2,M3", help="override the preset's mean")
+    group.add_argument("--std", type=float_list, metavar="S1,S2,S3", help="override the preset's std")
+    group.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
+                       help="batch size for evaluation and calibration")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Fail fast, before any slow step, on a --weights or --data path that does not exist."""
+    from pare.data.registry import KNOWN_NAMES
+
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise CheckpointError(f"--weights {weights}: no such checkpoint file")
+    data = getattr(args, "data", None)
+    if data is not None and data not in KNOWN_NAMES and not Path(data).exists():
+        raise DataError(f"--data {data}: no such file or folder (nor one of the names {', '.join(KNOWN_NAMES)})")
+
+
+def load_split(data: str, split: str) -> Any:
+    """``pare.data.load_dataset(data, split)``; low-level read errors become one DataError naming the path."""
+    import tarfile
+    import zipfile
+
+    from pare.data import load_dataset
+    from pare.errors import PareError
+
+    try:
+        return load_dataset(data, split)
+    except PareError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        message = " ".join(str(exc).split())
+        raise DataError(f"--data {data}: cannot read the {split} split ({type(exc).__name__}: {message})") from exc
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How uint8 images become model inputs: x/255, then (x - mean) / std per channel (None: no shift)."""
+
+    name: str
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    custom: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None}
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float32 normalised (N, C, H, W)."""
+        x = images.to(torch.float32) / 255.0
+        if self.mean is not None and self.std is not None:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+            x = (x - mean) / std
+        return x
+
+
+def resolve_normalization(
+    args: argparse.Namespace, channels: int, recorded: dict[str, Any] | None = None
+) -> Normalization:
+    """--normalization (else the artifact's recorded one, else by channel count) with --mean/--std overrides."""
+    from pare.data import NORMALIZATION
+
+    mean_override, std_override = getattr(args, "mean", None), getattr(args, "std", None)
+    name = getattr(args, "normalization", None)
+    if name is None and recorded and not (mean_override or std_override):
+        mean, std = recorded.get("mean"), recorded.get("std")
+        return Normalization(str(recorded.get("name", "recorded")), tuple(mean) if mean else None,
+                             tuple(std) if std else None, custom=True)
+    if name is None:
+        name = "mnist" if channels == 1 else "cifar"
+    stats = NORMALIZATION[name]
+    mean, std = (tuple(stats[0]), tuple(stats[1])) if stats else (None, None)
+    if mean_override:
+        mean = tuple(mean_override)
+    if std_override:
+        std = tuple(std_override)
+    if (mean is None) != (std is None):
+        raise ConfigError("--mean and --std must be given together with --normalization none")
+    for what, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != channels:
+            raise ConfigError(f"normalization {what} has {len(values)} values but the images have {channels} "
+                              "channels")
+    if std is not None and any(s <= 0 for s in std):
+        raise ConfigError(f"normalization std values must be > 0, got {list(std)}")
+    return Normalization(name, mean, std, custom=bool(mean_override or std_override))
+
+
+class NormalizedLoader:
+    """Wraps an :class:`pare.data.InMemoryLoader` built with ``normalization="none"`` (x/255) and applies an
+    arbitrary per-channel mean/std; forwards ``len`` and ``set_epoch``."""
+
+    def __init__(self, loader: Any, norm: Normalization) -> None:
+        self.loader, self.norm = loader, norm
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mean = torch.tensor(self.norm.mean, dtype=torch.float32).view(1, -1, 1, 1) if self.norm.mean else None
+        std = torch.tensor(self.norm.std, dtype=torch.float32).view(1, -1, 1, 1) if self.norm.std else None
+        for images, labels in self.loader:
+            if mean is not None and std is not None:
+                images = (images - mean.to(images.device)) / std.to(images.device)
+            yield images, labels
+
+
+def make_loader(
+    dataset: Any,
+    batch_size: int,
+    norm: Normalization,
+    *,
+    shuffle: bool = False,
+    augment: str | None = None,
+    seed: int = 0,
+) -> Any:
+    """Batches (float32 (B, C, H, W), int64 (B,)) of an in-memory data set, normalised by ``norm``."""
+    from pare.data import NORMALIZATION, InMemoryLoader
+
+    preset = NORMALIZATION.get(norm.name, False)
+    matches_preset = preset is not False and (
+        (preset is None and norm.mean is None) or (preset is not None and tuple(preset[0]) == norm.mean
+                                                     and tuple(preset[1]) == norm.std)
+    )
+    if matches_preset:
+        return InMemoryLoader(dataset, batch_size, shuffle=shuffle, augment=augment, normalization=norm.name,
+                              seed=seed)
+    inner = InMemoryLoader(dataset, batch_size, shuffle=shuffle, augment=augment, normalization="none", seed=seed)
+    return NormalizedLoader(inner, norm)
+
+
+def calibration(dataset: Any, n_images: int, batch_size: int, norm: Normalization, seed: int) -> list[Any]:
+    """The seeded calibration sample (:func:`pare.data.calibration_batches`) normalised by ``norm``."""
+    from pare.data import calibration_batches
+
+    if n_images > len(dataset):
+        raise DataError(f"--calib-images {n_images} is more than the {len(dataset)} training images available")
+    batches = calibration_batches(dataset, n_images, batch_size, seed=seed, normalization="none")
+    if norm.mean is None:
+        return batches
+    mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return [((images - mean) / std, labels) for images, labels in batches]
+
+
+def default_augment(dataset: Any) -> str | None:
+    """CIFAR-style crop+flip for colour images of at least 32x32; none for digits/MNIST (flips change digits)."""
+    _, c, h, w = dataset.images.shape
+    return "cifar" if c == 3 and min(h, w) >= 32 else None
+
+
+def evaluate_top1(model: nn.Module, dataset: Any, norm: Normalization, batch_size: int,
+                  device: torch.device) -> dict[str, Any]:
+    """pare.evaluate on the whole data set: {"top1": %, "top5": %, "loss", "n"}."""
+    import pare
+
+    return dict(pare.evaluate(model, make_loader(dataset, batch_size, norm), device=device))
+
+
+# --------------------------------------------------------------------------------------------- fine-tune
+def add_training_options(parser: argparse.ArgumentParser, *, recipe_flag: str) -> None:
+    from pare.train import RECIPES
+
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument(recipe_flag, choices=sorted(RECIPES), metavar="RECIPE",
+                       help=f"training recipe preset: {', '.join(sorted(RECIPES))}")
+    group.add_argument("--epochs", type=positive_int, metavar="N", help="override the recipe's epochs")
+    group.add_argument("--lr", type=float, metavar="LR", help="override the recipe's learning rate")
+    group.add_argument("--train-batch-size", type=positive_int, metavar="N",
+                       help="override the recipe's batch size")
+    group.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                       help="seeded share of the training split held out for validation (model selection)")
+    group.add_argument("--augment", choices=("cifar", "none"),
+                       help="training augmentation (default: cifar crop+flip for colour images >= 32 px, else none)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted fine-tune from OUT/finetune/checkpoint.pt")
+
+
+def build_recipe(args: argparse.Namespace, name: str) -> Any:
+    from pare.train import get_recipe
+
+    overrides: dict[str, Any] = {"seed": int(args.seed)}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+        if args.epochs <= get_recipe(name).warmup_epochs:
+            overrides["warmup_epochs"] = 0
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.train_batch_size is not None:
+        overrides["batch_size"] = args.train_batch_size
+    recipe = get_recipe(name, **overrides)
+    # Milestones past the shortened run would never fire; drop them rather than fail the recipe check.
+    if recipe.milestones and max(recipe.milestones) >= recipe.epochs:
+        recipe = recipe.replace(milestones=tuple(m for m in recipe.milestones if m < recipe.epochs))
+    return recipe
+
+
+def split_train(train: Any, val_fraction: float, seed: int) -> tuple[Any, Any]:
+    from pare.data import train_val_split
+
+    train_idx, val_idx = train_val_split(len(train), val_fraction=val_fraction, seed=seed)
+    return train.subset(train_idx), train.subset(val_idx)
+
+
+def finetune(
+    model: nn.Module,
+    recipe: Any,
+    *,
+    train: Any,
+    val: Any,
+    test: Any,
+    norm: Normalization,
+    augment: str | None,
+    seed: int,
+    device: torch.device,
+    out_dir: Path | None,
+    resume: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """pare.train.fit on (train, val, test); returns a JSON-ready summary. Accuracies in percent; the test
+    figure is the final-epoch weights' (the validation split only selects/monitors)."""
+    from pare.train import fit
+
+    result = fit(
+        model,
+        make_loader(train, recipe.batch_size, norm, shuffle=True, augment=augment, seed=seed),
+        make_loader(val, max(recipe.batch_size, 256), norm),
+        recipe,
+        test_loader=make_loader(test, max(recipe.batch_size, 256), norm) if test is not None else None,
+        out_dir=out_dir,
+        resume=resume,
+        device=device,
+        progress=console.progress,
+    )
+    return {
+        "recipe": recipe.to_dict(),
+        "epochs_completed": result.epochs_completed,
+        "train_images": len(train),
+        "val_images": len(val),
+        "final_val_top1": 100.0 * result.final_val_acc,
+        "best_val_top1": 100.0 * result.best_val_acc,
+        "best_val_epoch": result.best_val_epoch,
+        "test_top1_final_epoch": None if result.test_acc is None else 100.0 * result.test_acc,
+        "test_loss": result.test_loss,
+        "resumed_from": list(result.resumed_from) if result.resumed_from else None,
+        "seconds": result.seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------------ output folder
+def prepare_out_dir(path: str | Path, *, overwrite: bool, resume: bool = False, own_kind: str | None = None) -> Path:
+    """Create ``path`` or accept it when empty; a non-empty folder needs --overwrite (or --resume), so an
+    earlier run's results are never lost by accident. ``own_kind``: a folder whose metrics.json has this
+    ``kind`` is this command's own earlier output and may be overwritten (the demo)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    ours = own_kind is not None and _metrics_kind(out / "metrics.json") == own_kind
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume or ours):
+        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace its files, or "
+                              "choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _metrics_kind(path: Path) -> str | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("kind") if isinstance(record, dict) else None
+
+
+# ------------------------------------------------------------------------------------------------- config
+def parse_flat_yaml(text: str, source: str = "config") -> dict[str, Any]:
+    """The ``key: value`` subset of YAML used when PyYAML is absent: one pair per line, ``#`` comments,
+    values true/false/null, numbers, quoted or bare strings."""
+    values: dict[str, Any] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if not line or line == "---":
+            continue
+        if ":" not in line:
+            raise ConfigError(f"{source}:{number}: expected 'key: value', got {raw.strip()!r}")
+        key, value = (part.strip() for part in line.split(":", 1))
+        if not key or " " in key:
+            raise ConfigError(f"{source}:{number}: bad key {key!r}")
+        values[key] = _scalar(value)
+    return values
+
+
+def _scalar(text: str) -> Any:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("null", "~", ""):
+        return None
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A JSON (.json) or YAML file holding one flat mapping of option names to values."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {file}: no such file")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--config {file}: not valid JSON ({exc})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            data = parse_flat_yaml(text, str(file))
+        else:
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config {file}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {file}: expected a mapping of option names to values, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any],
+                 source: str) -> None:
+    """Fill ``args`` from ``config`` for every option not given on the command line (the command line wins).
+
+    A budget given on the command line replaces the file's budget, whichever kind each is.
+    """
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    explicit = {dest for dest, action in actions.items()
+                if getattr(args, dest, action.default) != action.default}
+    cli_budget = bool(explicit & set(BUDGET_DESTS))
+    for raw_key, value in config.items():
+        key = str(raw_key).replace("-", "_")
+        action = actions.get(key)
+        if action is None:
+            options = sorted(k.replace("_", "-") for k in actions)
+            close = difflib.get_close_matches(str(raw_key).replace("_", "-"), options, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"--config {source}: unknown option '{raw_key}'{hint}")
+        if key in explicit or (cli_budget and key in BUDGET_DESTS):
+            continue
+        setattr(args, key, _convert(action, value, raw_key, source))
+
+
+def _convert(action: argparse.Action, value: Any, key: str, source: str) -> Any:
+    where = f"--config {source}: option '{key}'"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(action, item, where) for item in items]
+    if value is None:
+        return None
+    return _convert_one(action, value, where)
+
+
+def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (dict, list)) or (isinstance(value, bool) and action.type is not None):
+        raise ConfigError(f"{where}: expected a single value, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
