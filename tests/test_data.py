@@ -377,6 +377,10 @@ def test_lossless_npz(tmp_path: Path) -> None:
     np.savez(bad, images=x_test, labels=y_test)
     with pytest.raises(DataError, match=r"bad\.npz: missing key\(s\) x_test, y_test, x_train, y_train"):
         read_cifar10_lossless_npz(bad, "test")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[:200])  # a cut download: the zip directory is gone
+    with pytest.raises(DataError, match=r"truncated\.npz: cannot read npz"):
+        read_cifar10_lossless_npz(truncated, "test")
 
 
 def test_digits_split_is_fixed() -> None:

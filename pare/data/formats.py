@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,7 @@ def read_cifar10_lossless_npz(path: str | Path, split: str) -> ImageDataset:
             )
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zlib.error) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zlib.error, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: cannot read npz ({type(exc).__name__}: {exc})") from exc
     if x.dtype != np.uint8:
         raise DataError(f"{path}: images must be uint8, got {x.dtype}")
