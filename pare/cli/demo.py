@@ -49,6 +49,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--reduce-macs", type=common.fraction, default=0.5, metavar="F",
                         help="fraction of MACs every criterion removes")
     parser.add_argument("--threads", type=positive_int, default=1, metavar="N", help="torch intra-op threads")
+    parser.add_argument("--latency-batch", type=positive_int, default=256, metavar="N",
+                        help="batch size for the latency column (default 256: at batch 1 an 8x8 model is all call "
+                             "overhead and no channel count shows)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test mode: 2 training epochs, 1 fine-tune epoch, fewer latency runs")
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --out that is not a demo output")
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
 
 
 def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path, t_start: float) -> dict[str, Any]:
+    import torch
+
     import pare
     import pare.criteria
     from pare import report
@@ -158,7 +163,9 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
     # ----------------------------------------------------------------------------------------- latency
     console.info("measuring latency of all models (interleaved rounds)")
     t0 = time.perf_counter()
-    measured = compare_latency({k: m.eval() for k, m in models.items()}, example, runs=latency_runs, warmup=5,
+    gen = torch.Generator().manual_seed(args.seed)
+    timing_batch = torch.randn(args.latency_batch, *example.shape[1:], generator=gen)
+    measured = compare_latency({k: m.eval() for k, m in models.items()}, timing_batch, runs=latency_runs, warmup=5,
                                rounds=5, threads=args.threads)
     for row in rows:
         row["latency"] = measured[row["name"]].to_dict()
@@ -172,7 +179,8 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
             "data": "scikit-learn digits (seeded 80/20 train/test split)", "model": DEMO_MODEL,
             "train_images": len(train_all), "val_images": len(val), "test_images": len(test),
             "epochs": epochs, "finetune_epochs": ft_epochs, "target_macs_reduction": args.reduce_macs,
-            "calib_images": sum(len(b[1]) for b in calib), "latency_batch": 1, "latency_threads": args.threads,
+            "calib_images": sum(len(b[1]) for b in calib), "latency_batch": args.latency_batch,
+            "latency_threads": args.threads,
             "latency_runs": latency_runs, "quick": bool(args.quick), "train_recipe": dense_recipe.to_dict(),
             "finetune_recipe": ft_recipe.to_dict(), "normalization": norm.to_dict(),
         },
