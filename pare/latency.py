@@ -124,6 +124,53 @@ def _onnx_call(
     return call, lambda: None
 
 
+def _check(backend: str, runs: int, warmup: int, device: torch.device) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown latency backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+
+
+def _prepare(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], backend: str, n_threads: int, device: torch.device,
+    workdir: Path,
+) -> tuple[Any, Any, torch.device]:
+    """(call, sync, device actually used) for one model; ONNX Runtime exports and loads the model here, once."""
+    if backend == "eager":
+        model_device = next((p.device for p in model.parameters()), device)
+        if model_device != device:
+            raise ConfigError(f"model is on {model_device} but latency was requested on {device}")
+        call, sync = _eager_call(model, inputs, device)
+        return call, sync, device
+    call, sync = _onnx_call(model, inputs, n_threads, workdir)
+    return call, sync, torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(models: list[nn.Module]) -> Iterator[None]:
+    flags = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
+
+
+def _stats(times: list[float], runs: int, warmup: int, batch_size: int, threads: int, backend: str,
+           device: torch.device) -> Latency:
+    q1, median, q3 = _quartiles(times)
+    return Latency(median_ms=median, q1_ms=q1, q3_ms=q3, min_ms=min(times), runs=runs, warmup=warmup,
+                   batch_size=batch_size, threads=threads, backend=backend, device=str(device))
+
+
+def _batch_size(inputs: tuple[torch.Tensor, ...]) -> int:
+    return int(inputs[0].shape[0]) if inputs[0].dim() else 1
+
+
 def measure_latency(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -147,42 +194,14 @@ def measure_latency(
         threads: intra-op threads for the measurement (restored afterwards); None keeps the current setting.
         device: where eager runs; ONNX Runtime always runs on CPU here.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown latency backend '{backend}'; choose from {', '.join(BACKENDS)}")
-    if runs < 1 or warmup < 0:
-        raise ConfigError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    _check(backend, runs, warmup, device)
     inputs = _as_tuple(example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with _threads(threads) as n_threads, tempfile.TemporaryDirectory(prefix="pare-latency-") as tmp:
-            if backend == "eager":
-                model_device = next((p.device for p in model.parameters()), device)
-                if model_device != device:
-                    raise ConfigError(f"model is on {model_device} but latency was requested on {device}")
-                call, sync = _eager_call(model, inputs, device)
-            else:
-                call, sync = _onnx_call(model, inputs, n_threads, Path(tmp))
-                device = torch.device("cpu")
-            times = _time_calls(call, warmup, runs, sync)
-    finally:
-        model.train(was_training)
-    q1, median, q3 = _quartiles(times)
-    return Latency(
-        median_ms=median,
-        q1_ms=q1,
-        q3_ms=q3,
-        min_ms=min(times),
-        runs=runs,
-        warmup=warmup,
-        batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
-        threads=n_threads,
-        backend=backend,
-        device=str(device),
-    )
+    with _eval_mode([model]), _threads(threads) as n_threads, \
+            tempfile.TemporaryDirectory(prefix="pare-latency-") as tmp:
+        call, sync, used = _prepare(model, inputs, backend, n_threads, device, Path(tmp))
+        times = _time_calls(call, warmup, runs, sync)
+    return _stats(times, runs, warmup, _batch_size(inputs), n_threads, backend, used)
 
 
 def compare_latency(
@@ -194,26 +213,42 @@ def compare_latency(
 ) -> dict[str, Latency]:
     """Measure several models in interleaved rounds so that drift in machine load hits all of them alike.
 
-    Each round measures every model with ``runs // rounds`` timed runs (``runs`` from ``kwargs``, default 50);
-    the returned statistics pool the runs of all rounds. Use this for speed-up ratios.
+    Each round measures every model with ``runs // rounds`` timed runs (``runs`` from ``kwargs``, default 50;
+    the other ``kwargs`` as in :func:`measure_latency`). Every model is prepared once (one ONNX export and
+    session) and warmed up with ``warmup`` runs before the first round and 2 runs before each later one.
+    The returned median and quartiles are those of the per-round medians (robust to one noisy round);
+    ``min_ms`` is the fastest single run. Use this for speed-up ratios.
     """
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
-    total = int(kwargs.pop("runs", 50))
+    unknown = set(kwargs) - {"runs", "warmup", "backend", "threads", "device"}
+    if unknown:
+        raise ConfigError(f"unknown compare_latency option(s): {', '.join(sorted(unknown))}")
+    total = int(kwargs.get("runs", 50))
+    warmup = int(kwargs.get("warmup", 10))
+    backend = str(kwargs.get("backend", "eager"))
+    device = torch.device(kwargs.get("device", "cpu"))
+    _check(backend, total, warmup, device)
     per_round = max(1, total // rounds)
-    warmup = int(kwargs.pop("warmup", 10))
-    pooled: dict[str, list[Latency]] = {name: [] for name in models}
-    for r in range(rounds):
-        for name, model in models.items():
-            pooled[name].append(measure_latency(model, example_inputs, runs=per_round,
-                                                warmup=warmup if r == 0 else 2, **kwargs))
-    # Pool by the per-round medians' median and the spread across rounds: robust to one noisy round.
+    inputs = _as_tuple(example_inputs)
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    fastest: dict[str, float] = {name: float("inf") for name in models}
+    with _eval_mode(list(models.values())), _threads(kwargs.get("threads")) as n_threads, \
+            tempfile.TemporaryDirectory(prefix="pare-latency-") as tmp:
+        prepared = {}
+        for i, (name, model) in enumerate(models.items()):
+            workdir = Path(tmp) / str(i)
+            workdir.mkdir()
+            prepared[name] = _prepare(model, inputs, backend, n_threads, device, workdir)
+        for r in range(rounds):
+            for name, (call, sync, _) in prepared.items():
+                times = _time_calls(call, warmup if r == 0 else 2, per_round, sync)
+                medians[name].append(statistics.median(times))
+                fastest[name] = min(fastest[name], min(times))
     out = {}
-    for name, results in pooled.items():
-        meds = sorted(x.median_ms for x in results)
-        q1, median, q3 = _quartiles(meds)
-        first = results[0]
-        out[name] = Latency(median_ms=median, q1_ms=q1, q3_ms=q3, min_ms=min(x.min_ms for x in results),
-                            runs=per_round * rounds, warmup=warmup, batch_size=first.batch_size,
-                            threads=first.threads, backend=first.backend, device=first.device)
+    for name in models:
+        q1, median, q3 = _quartiles(sorted(medians[name]))
+        out[name] = Latency(median_ms=median, q1_ms=q1, q3_ms=q3, min_ms=fastest[name], runs=per_round * rounds,
+                            warmup=warmup, batch_size=_batch_size(inputs), threads=n_threads, backend=backend,
+                            device=str(prepared[name][2]))
     return out
