@@ -27,7 +27,7 @@ from pare.allocate.strategies import (
 )
 from pare.count import Counts, count
 from pare.errors import BudgetError, ConfigError
-from pare.graph import trace
+from pare.graph import ChannelGraph, trace
 
 ALLOCATIONS = ("global", "uniform")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -43,6 +43,7 @@ class PruneResult:
     allocate, surgery incl. verification, compensate, recalibrate, count). ``groups``: one dict per prunable
     group (id, size, removed, eligible, internal). ``notes``: e.g. coupled groups of a sparsity replay;
     ``compensation``: per-layer errors when compensation ran; ``residual_mode``: "internal" or "grouped".
+    ``latency``: set by :func:`pare.allocate.latency.prune_to_latency` (measured before/after, target, search).
     """
 
     model: nn.Module
@@ -58,6 +59,7 @@ class PruneResult:
     groups: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     compensation: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None
 
     @property
     def macs_reduction(self) -> float:
@@ -93,6 +95,19 @@ def _load_criteria() -> None:
         importlib.import_module("pare.criteria.base")
 
 
+def _reset_norms(pruned: nn.Module, graph: ChannelGraph, removals: dict[str, list[int]]) -> None:
+    """Reset, in place, the norm layers that are members of a group with removed channels (whole layers)."""
+    names: list[str] = []
+    for gid, idx in removals.items():
+        if len(idx):
+            names += [m.module for m in graph.group(gid).members if m.role == "norm" and m.module not in names]
+    for name in names:
+        norm = pruned.get_submodule(name)
+        if not hasattr(norm, "reset_parameters"):
+            raise ConfigError(f"reset_bn: norm layer '{name}' ({type(norm).__name__}) cannot be reset")
+        norm.reset_parameters()  # BatchNorm: also zeroes running mean / num_batches_tracked, running var = 1
+
+
 def prune(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -110,6 +125,7 @@ def prune(
     verify: bool = True,
     compensate: bool = False,
     recalibrate: int | bool | None = None,
+    reset_bn: bool = False,
     seed: int = 0,
     convention: str = "macs",
     tolerance: float = 0.005,
@@ -133,9 +149,13 @@ def prune(
         min_channels, round_to, protected, internal_only: constraints (:class:`pare.allocate.Constraints`).
         verify: check the pruned model against the masked original (raises EquivalenceError on mismatch).
         compensate: least-squares reconstruction of the consumer layers on ``data``
-            (:func:`pare.compensate.compensate`); implies BN recalibration unless ``recalibrate=False``.
+            (:func:`pare.compensate.compensate`, sequential solve); implies BN recalibration (before the fit)
+            unless ``recalibrate=False``.
         recalibrate: BN recalibration on ``data``: an int = number of batches, True = all, None = only when
             compensating, False/0 = never.
+        reset_bn: after surgery (before any recalibration), reset every norm layer of a pruned group to its
+            default state (γ = 1, β = 0, running mean 0, running var 1), as the official CHIP CIFAR code does
+            (methods.md §1.7 item 3); the default copies the surviving channels' slices.
         seed: passed to the criterion (random, sampling) and to compensation's position sampling.
         convention: counting convention (``"macs"`` or ``"chip"``) for the target and the reported counts.
         coupled: for sparsity budgets, how coupled residual groups take a ratio (see
@@ -213,6 +233,8 @@ def prune(
 
     t0 = time.perf_counter()
     pruned = graph.prune(removals, verify=verify)
+    if reset_bn:
+        _reset_norms(pruned, graph, removals)
     seconds["surgery"] = time.perf_counter() - t0
 
     report: dict[str, dict[str, float]] = {}
@@ -223,15 +245,13 @@ def prune(
         recalibrate_bn(pruned, batches, batches=n_batches)
         seconds["recalibrate"] = time.perf_counter() - t0
     if compensate:
-        # After a first recalibration: fitting on inputs produced with stale BN statistics skews the
-        # solution (measured on ResNet-56: worse than recalibration alone). Then recalibrate for the new weights.
+        # After a first recalibration, so that the layers are fitted on the inputs the recalibrated model produces.
+        # No second recalibration: the sequential solve gives each refitted layer's BN its original statistics
+        # back, and recalibrating afterwards measured worse on ResNet-56 (docs/results/oneshot.md, rows
+        # "bn-recal+compensate(sequential)" vs "...+bn-recal").
         t0 = time.perf_counter()
         report = run_compensation(model, pruned, graph, removals, batches, seed=seed)
         seconds["compensate"] = time.perf_counter() - t0
-        if recalibrate:
-            t0 = time.perf_counter()
-            recalibrate_bn(pruned, batches, batches=n_batches)
-            seconds["recalibrate"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     counts_after = count(pruned, example_inputs, convention)

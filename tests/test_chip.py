@@ -198,3 +198,28 @@ def test_group_scope_on_padded_shortcut_groups() -> None:
         pos = torch.as_tensor(graph.positions(gid, graph.feature_node(gid)))
         np.testing.assert_allclose(grp[gid], chip_scores_reference(fmap[:, pos]).mean(0).numpy(), atol=1e-5)
         np.testing.assert_allclose(node[gid], chip_scores_reference(fmap).mean(0).numpy()[pos], atol=1e-5)
+
+
+@pytest.mark.parametrize("reset_bn", [False, True])
+def test_bn_after_chip_surgery(reset_bn: bool) -> None:
+    """§10.11 through ``pare.prune``: after CHIP surgery the surviving channels' BN γ/β/running mean/running var
+    equal the originals' slices; with ``reset_bn=True`` every BN of a pruned group is (1, 0, 0, 1)."""
+    net, data = _net_and_data()
+    x = data[0][0].double()
+    res = pare.prune(net, x, criterion="chip", target=pare.Budget(channel_ratio=0.4), allocation="uniform",
+                     data=[(images.double(), labels) for images, labels in data], reset_bn=reset_bn)
+    assert set(res.removals) == {"conv1", "conv2"}
+    for gid, bn_name in (("conv1", "bn1"), ("conv2", "bn2")):
+        orig, new = getattr(net, bn_name), getattr(res.model, bn_name)
+        kept = torch.as_tensor(np.setdiff1d(np.arange(orig.num_features), res.removals[gid]))
+        assert 0 < kept.numel() < orig.num_features
+        assert new.num_features == kept.numel()
+        if reset_bn:
+            expected = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+            for name, value in expected.items():
+                assert torch.equal(getattr(new, name), torch.full_like(getattr(new, name), value)), name
+        else:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                assert torch.equal(getattr(new, name), getattr(orig, name)[kept]), name
+    # The input model keeps its BN state either way (its γ were drawn in [0.5, 1.5), never all 1).
+    assert float(net.bn1.running_var.min()) >= 0.5 and float((net.bn1.weight.detach() - 1).abs().max()) > 0

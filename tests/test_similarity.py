@@ -215,3 +215,89 @@ def test_labelled_reconstructed() -> None:
     phrase = "reconstructed from the abstract"
     assert phrase in (cls.__doc__ or "") and phrase in (sim.__doc__ or "")
     assert phrase in cls.summary and phrase in cls.evidence
+
+
+def _multi_producer_group(graph: pare.ChannelGraph) -> pare.Group:
+    return next(g for g in graph.prunable_groups if len({m.module for m in g.producers()}) > 2)
+
+
+def test_residual_sum_is_the_sum_over_producers() -> None:
+    """residual='sum': D² of a coupled residual group is the sum over its producers of each conv + following-BN
+    distance (hand-built from the modules), γ the L² norm of the producers' γ, and every group is scored."""
+    torch.manual_seed(0)
+    model = create("resnet20").double().eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.2)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64))
+    graph = pare.trace(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    ctx = ScoreContext(graph, model)
+    crit = get_criterion("similarity", residual="sum")
+    scores = crit.score(ctx, graph.prunable_groups)
+    assert set(scores) == {g.id for g in graph.prunable_groups}
+    group = _multi_producer_group(graph)
+    # Stage 1's residual channels: the stem and every block's conv2, and (option-A zero-padded shortcuts) the
+    # stage-2/3 conv2 output channels at the same positions of their wider maps.
+    assert group.id == "conv1"
+    producers = [m for m in group.producers() if m.param == "weight"]
+    assert len(producers) == 10
+    d2_hand = np.zeros((16, 16))
+    gamma_sq = np.zeros(16)
+    for m in producers:
+        rows = slice(m.offset, m.offset + 16)
+        bn = model.get_submodule(m.module.replace("conv", "bn"))
+        w = model.get_submodule(m.module).weight.detach()[rows].reshape(16, -1)
+        gm, bt = bn.weight.detach()[rows].numpy(), bn.bias.detach()[rows].numpy()
+        d2_hand += sim.similarity_distance(gm, bt, sim.cosine_matrix(w))
+        gamma_sq += gm ** 2
+    d2, gamma = crit.distances(ctx, group)
+    np.testing.assert_allclose(d2, d2_hand, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gamma, np.sqrt(gamma_sq), rtol=1e-12)
+    np.testing.assert_allclose(scores[group.id], np.sqrt(gamma_sq), rtol=1e-12)
+    # The first producer alone (residual='first') gives a different, smaller distance.
+    d2_first, _ = get_criterion("similarity", residual="first").distances(ctx, group)
+    assert np.all(d2_first <= d2 + 1e-12) and not np.allclose(d2_first, d2)
+
+
+def test_residual_sum_clusters_channels_equal_in_every_producer() -> None:
+    """Two residual channels identical in every producer (filters and BN) are at D² = 0, so removing one channel
+    of the group removes one of those two."""
+    torch.manual_seed(1)
+    model = create("resnet20").double().eval()
+    graph = pare.trace(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    a, b = 3, 11
+    with torch.no_grad():
+        for m in _multi_producer_group(graph).producers():
+            if m.param != "weight":
+                continue
+            conv, bn = model.get_submodule(m.module), model.get_submodule(m.module.replace("conv", "bn"))
+            for t in (conv.weight, bn.weight, bn.bias):
+                t[m.offset + b] = t[m.offset + a]
+    graph = pare.trace(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    ctx = ScoreContext(graph, model)
+    crit = get_criterion("similarity", residual="sum")
+    d2, _ = crit.distances(ctx, graph.group("conv1"))
+    assert d2[a, b] <= 1e-12 and np.delete(d2[a], [a, b]).min() > 1e-3
+    removed = crit.select(ctx, graph.group("conv1"), np.ones(16), 1)
+    assert removed.tolist() in ([a], [b])
+
+
+def test_residual_sum_data_rho_and_grouped_prune() -> None:
+    """rho='data' with residual='sum' keeps one correlation per producer; pare.prune in grouped mode (which used
+    to fail with 'no scores for group conv1') prunes the residual groups."""
+    model = create("resnet20").eval()
+    g = torch.Generator().manual_seed(6)
+    data = [(torch.randn(4, 3, 16, 16, generator=g), torch.zeros(4, dtype=torch.long))]
+    graph = pare.trace(model, data[0][0][:1])
+    crit = get_criterion("similarity", residual="sum", rho="data")
+    ctx = ScoreContext(graph, model, data)
+    crit.score(ctx, graph.prunable_groups)
+    group = _multi_producer_group(graph)
+    n_producers = len({m.module for m in group.producers()})
+    assert sum(k.startswith(f"{group.id}@") for k in crit._rho_cache) == n_producers
+    res = pare.prune(model, data[0][0][:1], criterion=get_criterion("similarity", residual="sum"),
+                     target=pare.Budget(macs_reduction=0.3))
+    assert res.removals.get("conv1") and abs(res.macs_reduction - 0.3) <= 0.005
+    assert res.model(data[0][0]).shape == (4, 10)

@@ -5,6 +5,7 @@ See :mod:`pare.allocate.strategies` (uniform, global, sparsity strings, constrai
 """
 
 from pare.allocate.budget import Budget
+from pare.allocate.latency import max_macs_reduction, prune_to_latency
 from pare.allocate.search import Cost, CostModel, floor_allowed, plan_at, search_order
 from pare.allocate.strategies import (
     COUPLED_POLICIES,
@@ -37,10 +38,12 @@ __all__ = [
     "global_order",
     "is_internal",
     "is_protected",
+    "max_macs_reduction",
     "normalize_scores",
     "plan_at",
     "producer_modules",
     "producer_ratios",
+    "prune_to_latency",
     "ratio_plan",
     "search_order",
     "select_indices",

@@ -23,6 +23,7 @@ from .hrank import HRank, map_ranks
 from .l1 import L1Norm, greedy_pruned_inputs
 from .l2 import L2Norm
 from .random_ import RandomCriterion
+from .recon import ReconstructionSelection
 from .similarity import (
     SimilarityClustering,
     cut_clusters,
@@ -43,6 +44,7 @@ __all__ = [
     "L1Norm",
     "L2Norm",
     "RandomCriterion",
+    "ReconstructionSelection",
     "ScoreContext",
     "SimilarityClustering",
     "Site",

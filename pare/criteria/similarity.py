@@ -19,7 +19,10 @@ or the medoid) and the rest are removed. :func:`merge_into_representatives` opti
 channel's outgoing weights into its representative (exact for channels equal up to a positive scale).
 
 Residual groups (several producers) are skipped by default (``residual="skip"``: absent from :meth:`score`'s
-result, so they are not pruned); ``residual="first"`` clusters them on their first producer and its norm.
+result, so they are not pruned); ``residual="first"`` clusters them on their first producer and its norm;
+``residual="sum"`` (methods.md §4.2 "compute D on the group-summed statistics") sums D² over the producers, i.e.
+clusters the concatenation of every producer's output (still a Euclidean distance), with γ the L² norm of the
+producers' γ (representative and score).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from .stats import producer_sites, stream_maps
 LINKAGES = ("average", "single", "complete", "ward")
 REPRESENTATIVES = ("max_gamma", "medoid")
 RHOS = ("weights", "data")
-RESIDUAL = ("skip", "first")
+RESIDUAL = ("skip", "first", "sum")
 
 
 def similarity_distance(gamma: np.ndarray, beta: np.ndarray, rho: np.ndarray) -> np.ndarray:
@@ -162,7 +165,7 @@ class SimilarityClustering(Criterion):
 
     Options: ``linkage`` (average | single | complete | ward), ``representative`` (max_gamma | medoid), ``rho``
     ("weights": cos of the filters, data-free; "data": correlation of the pre-BN maps on ``ctx.data``),
-    ``residual`` (skip | first). :meth:`score` returns |γ| per channel (so budget allocation can rank groups);
+    ``residual`` (skip | first | sum). :meth:`score` returns |γ| per channel (so budget allocation can rank groups);
     :meth:`select` does the clustering.
     """
 
@@ -192,7 +195,7 @@ class SimilarityClustering(Criterion):
         """Whether the group is clustered (single producer, or residual='first'; whole-channel blocks)."""
         if group.block > 1:
             return False
-        return len({m.module for m in group.producers()}) == 1 or self.residual == "first"
+        return len({m.module for m in group.producers()}) == 1 or self.residual != "skip"
 
     def _gamma_beta_weights(self, model: nn.Module, group: Group) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """(γ (c,), β (c,), filters (c, k)) of the group's first producer and the norm that follows it."""
@@ -201,13 +204,44 @@ class SimilarityClustering(Criterion):
         norms = norm_modules(group)
         if norms:
             return norm_param(model, group, norms[0], "weight"), norm_param(model, group, norms[0], "bias"), w
-        bias = next((m for m in group.producers() if m.module == producer.module and m.param == "bias"), None)
+        return self._no_norm(model, group, producer.module, w)
+
+    @staticmethod
+    def _no_norm(model: nn.Module, group: Group, module: str, w: torch.Tensor
+                 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        # Without a norm: γ = ‖w_i‖ and β = the bias (unit-variance inputs), see the module doc.
+        bias = next((m for m in group.producers() if m.module == module and m.param == "bias"), None)
         beta = member_slices(model, bias, group.size)[:, 0].numpy() if bias is not None else np.zeros(group.size)
         return w.norm(dim=1).numpy(), beta, w
 
+    def _producer_stats(self, ctx: ScoreContext, group: Group
+                        ) -> list[tuple[str, np.ndarray, np.ndarray, torch.Tensor]]:
+        """Per producer module: (module, γ (c,), β (c,), filters (c, k)), each with the norm that directly
+        follows that producer in the traced graph (γ = ‖w_i‖, β = bias without one)."""
+        norms = set(norm_modules(group))
+        out = []
+        for producer in group.producers():
+            if producer.param != "weight" or any(o[0] == producer.module for o in out):
+                continue
+            w = member_slices(ctx.model, producer, group.size)
+            node = next(n for n in ctx.graph.gm.graph.nodes if n.op == "call_module" and n.target == producer.module)
+            norm = next((str(u.target) for u in node.users if u.op == "call_module" and u.target in norms), None)
+            if norm is not None:
+                gamma, beta = norm_param(ctx.model, group, norm, "weight"), norm_param(ctx.model, group, norm, "bias")
+                out.append((producer.module, gamma, beta, w))
+            else:
+                out.append((producer.module, *self._no_norm(ctx.model, group, producer.module, w)))
+        return out
+
     def _data_rho(self, ctx: ScoreContext, groups: Sequence[Group]) -> None:
         """Correlation (c, c) of each group's first producer output (pre-BN) over all calibration pixels."""
-        sites = {g.id: producer_sites(ctx.graph, g)[0] for g in groups if g.id not in self._rho_cache}
+        sites = {}
+        for g in groups:
+            every = producer_sites(ctx.graph, g)
+            for site in every if self._summed(g) else every[:1]:
+                key = f"{g.id}@{site.node.target}"
+                if key not in self._rho_cache:
+                    sites[key] = site
         if not sites:
             return
         acc: dict[str, list[torch.Tensor | int]] = {}
@@ -222,24 +256,35 @@ class SimilarityClustering(Criterion):
             acc[node] = [s1 + x.sum(0).cpu(), s2 + (x.T @ x).cpu(), n + x.shape[0]]
 
         stream_maps(ctx, [s.node for s in sites.values()], update, self.name)
-        for gid, site in sites.items():
+        for key, site in sites.items():
             s1, s2, n = acc[site.node.name]
             mean = s1 / n
             cov = s2 / n - torch.outer(mean, mean)
             pos = torch.as_tensor(site.positions)
             cov = cov[pos][:, pos]
             std = cov.diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
-            self._rho_cache[gid] = (cov / torch.outer(std, std)).clamp(-1.0, 1.0).numpy()
+            self._rho_cache[key] = (cov / torch.outer(std, std)).clamp(-1.0, 1.0).numpy()
 
-    def distances(self, ctx: ScoreContext, group: Group) -> tuple[np.ndarray, np.ndarray]:
-        """(D² (c, c), γ (c,)) of one group."""
-        gamma, beta, w = self._gamma_beta_weights(ctx.model, group)
+    def _summed(self, group: Group) -> bool:
+        return self.residual == "sum" and len({m.module for m in group.producers()}) > 1
+
+    def _rho(self, ctx: ScoreContext, group: Group, module: str, w: torch.Tensor) -> np.ndarray:
         if self.rho == "data":
             self._data_rho(ctx, [group])
-            rho = self._rho_cache[group.id]
-        else:
-            rho = cosine_matrix(w)
-        return similarity_distance(gamma, beta, rho), gamma
+            return self._rho_cache[f"{group.id}@{module}"]
+        return cosine_matrix(w)
+
+    def distances(self, ctx: ScoreContext, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """(D² (c, c), γ (c,)) of one group; with ``residual="sum"`` on a multi-producer group, D² is summed over
+        the producers and γ is the L² norm over the producers' γ."""
+        if self._summed(group):
+            stats = self._producer_stats(ctx, group)
+            d2 = sum(similarity_distance(g, b, self._rho(ctx, group, mod, w)) for mod, g, b, w in stats)
+            gamma = np.sqrt(sum(g ** 2 for _, g, _, _ in stats))
+            return np.asarray(d2, dtype=np.float64), gamma
+        gamma, beta, w = self._gamma_beta_weights(ctx.model, group)
+        producer = next(m for m in group.producers() if m.param == "weight")
+        return similarity_distance(gamma, beta, self._rho(ctx, group, producer.module, w)), gamma
 
     # -- criterion API ------------------------------------------------------------------------------------------
 
@@ -251,7 +296,13 @@ class SimilarityClustering(Criterion):
             # Fresh statistics for this model state; select() then reuses them (one calibration pass in all).
             self._rho_cache = {}
             self._data_rho(ctx, handled)
-        return {g.id: np.abs(self._gamma_beta_weights(ctx.model, g)[0]).astype(np.float64) for g in handled}
+        out: dict[str, np.ndarray] = {}
+        for g in handled:
+            if self._summed(g):
+                out[g.id] = np.sqrt(sum(gm ** 2 for _, gm, _, _ in self._producer_stats(ctx, g)))
+            else:
+                out[g.id] = np.abs(self._gamma_beta_weights(ctx.model, g)[0])
+        return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
     def cluster(self, ctx: ScoreContext, group: Group, n_remove: int) -> dict[int, list[int]]:
         """Representative -> members for ``size − n_remove`` clusters of the group's channels."""
