@@ -18,7 +18,7 @@ from pare.criteria import (
 from pare.models import create
 from tests.randnets import RandomNet, randomize_norms
 
-ALL = {"l1", "l2", "fpgm", "bn_scale", "random", "hrank", "taylor", "chip", "similarity"}
+ALL = {"l1", "l2", "fpgm", "bn_scale", "random", "hrank", "taylor", "chip", "similarity", "recon"}
 
 
 class _Net(nn.Module):
