@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,60 @@ def test_akamaster_resnet20_on_lossless_cifar10() -> None:
     assert result["n"] == 932
     assert result["top1"] == pytest.approx(91.63, abs=0.5)
     assert result["top5"] > result["top1"]
+
+
+# -------------------- options used by the trainer (soft targets, channels_last, all-reduce over ranks)
+
+
+def test_evaluate_soft_targets_match_class_indices() -> None:
+    hard = evaluate(_TableModel(), _batches(2), topk=(1, 5))
+    one_hot = [(x, nn.functional.one_hot(y, 6).float()) for x, y in _batches(2)]
+    soft = evaluate(_TableModel(), one_hot, topk=(1, 5))
+    assert soft["top1"] == hard["top1"] and soft["top5"] == hard["top5"] and soft["n"] == 5
+    assert soft["loss"] == pytest.approx(hard["loss"], rel=1e-6)
+    # A genuinely soft target: loss is -sum(t * log_softmax) averaged over samples.
+    targets = torch.full((5, 6), 1 / 6)
+    expected = float(-(targets * _LOGITS.log_softmax(dim=1)).sum(dim=1).mean())
+    uniform = evaluate(_TableModel(), [(torch.arange(5.0)[:, None], targets)], topk=(1,))
+    assert uniform["loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(DataError, match="soft targets"):
+        evaluate(_TableModel(), [(torch.arange(5.0)[:, None], torch.zeros(5, 4))])
+
+
+def test_evaluate_channels_last_gives_the_same_metrics() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    plain = evaluate(model, data, topk=(1,))
+    last = evaluate(model, data, topk=(1,), channels_last=True)
+    assert plain["top1"] == last["top1"] and last["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+
+
+def _all_reduce_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        index = torch.arange(5, dtype=torch.float32)[:, None]
+        mine = [(index[rank::world], _LABELS[rank::world])]  # disjoint shards, unequal sizes (3 and 2)
+        local = evaluate(_TableModel(), mine, topk=(1, 5))
+        merged = evaluate(_TableModel(), mine, topk=(1, 5), all_reduce=True)
+        torch.save({"local": local, "merged": merged}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_all_reduce_sums_disjoint_shards(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "result")
+    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    whole = evaluate(_TableModel(), _batches(5), topk=(1, 5))
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    for result in results:
+        assert result["merged"]["n"] == 5
+        assert result["merged"]["top1"] == pytest.approx(whole["top1"])
+        assert result["merged"]["top5"] == pytest.approx(whole["top5"])
+        assert result["merged"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert [r["local"]["n"] for r in results] == [3, 2]  # without all_reduce each rank sees only its shard

@@ -16,12 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pare.errors import ConfigError, PareError
+from pare.evaluate import evaluate
 from pare.train import (
     RECIPES,
     Recipe,
     TrainingDivergedError,
     build_optimizer,
-    evaluate,
     fit,
     get_recipe,
     lr_at,
@@ -218,7 +218,7 @@ def test_fit_learns_logs_and_selects_on_val_only(tmp_path: Path) -> None:
     assert result.final_val_acc == val_accs[-1] > 0.8  # the rule is learnable
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # Reported test accuracy is the final-epoch model's, computed once at the end.
-    assert result.test_acc == pytest.approx(evaluate(model, test)["acc"])
+    assert result.test_acc == pytest.approx(evaluate(model, test)["top1"] / 100)
     assert result.test_acc_best_val is None
     assert (tmp_path / "checkpoint.pt").is_file()
 
@@ -239,8 +239,8 @@ def test_keep_best_restores_best_val_weights() -> None:
     if result.best_val_epoch < len(snapshots):
         best = snapshots[result.best_val_epoch]
         assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
-    assert evaluate(model, val)["acc"] == pytest.approx(result.best_val_acc)
-    assert result.test_acc_best_val == pytest.approx(evaluate(model, test)["acc"])
+    assert evaluate(model, val)["top1"] / 100 == pytest.approx(result.best_val_acc)
+    assert result.test_acc_best_val == pytest.approx(evaluate(model, test)["top1"] / 100)
 
 
 def test_hooks_are_called_with_current_lr_and_can_regularise() -> None:
@@ -396,3 +396,26 @@ def test_teacher_copy_gives_zero_soft_loss() -> None:
     assert _task_loss(logits, torch.zeros(8, dtype=torch.long), logits, recipe).item() == pytest.approx(
         0.0, abs=1e-6
     )
+
+
+def test_on_epoch_end_runs_after_training_and_before_validation() -> None:
+    train, val, _ = loaders()
+    calls: list[tuple[str, int]] = []
+
+    class ZeroHead:
+        def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+            calls.append(("start", epoch))
+
+        def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None:
+            if not calls or calls[-1][0] != "step":
+                calls.append(("step", -1))
+
+        def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+            calls.append(("end", epoch))
+            with torch.no_grad():  # constant logits: validation must see exactly log(2) loss
+                model[-1].weight.zero_()
+                model[-1].bias.zero_()
+
+    result = fit(make_model(), train, val, small_recipe(epochs=2, lr=0.2), hooks=[ZeroHead()])
+    assert calls == [("start", 0), ("step", -1), ("end", 0), ("start", 1), ("step", -1), ("end", 1)]
+    assert all(h["val_loss"] == pytest.approx(math.log(2)) for h in result.history)

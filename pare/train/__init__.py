@@ -1,12 +1,14 @@
 """Fine-tuning: recipes (methods.md §7.3), the training loop with atomic checkpoint/resume, and DDP
-support."""
+support.
+
+Evaluation has one implementation, :func:`pare.evaluate.evaluate`, which the trainer calls."""
 
 from __future__ import annotations
 
 from pare.train.checkpoint import atomic_torch_save, load_checkpoint
 from pare.train.distributed import DistContext, setup_distributed
 from pare.train.recipe import RECIPES, SCHEDULES, Recipe, get_recipe, lr_at
-from pare.train.trainer import TrainingDivergedError, TrainResult, build_optimizer, evaluate, fit
+from pare.train.trainer import TrainingDivergedError, TrainResult, build_optimizer, fit
 
 __all__ = [
     "RECIPES",
@@ -17,7 +19,6 @@ __all__ = [
     "TrainingDivergedError",
     "atomic_torch_save",
     "build_optimizer",
-    "evaluate",
     "fit",
     "get_recipe",
     "load_checkpoint",

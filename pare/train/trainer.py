@@ -1,4 +1,4 @@
-"""The fine-tuning loop: :func:`fit` and :func:`evaluate`.
+"""The fine-tuning loop: :func:`fit` (evaluation goes through :func:`pare.evaluate.evaluate`).
 
 Design points (methods.md §7.3, §7.4):
 
@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pare.errors import CheckpointError, ConfigError, TrainingDivergedError
+from pare.evaluate import evaluate
 from pare.train.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -126,45 +127,21 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[Any],
-    device: str | torch.device = "cpu",
-    *,
-    channels_last: bool = False,
-    amp: bool = False,
-    ctx: DistContext | None = None,
-    sharded: bool = False,
+def _evaluate(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, recipe: Recipe, sharded: bool
 ) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy of ``model`` over ``loader`` (batches of images (N, C, H, W) and
-    int labels (N,)), in eval mode. Returns ``{"loss", "acc", "count"}``; the model's train/eval mode is
-    restored.
-
-    With ``ctx`` and ``sharded``, each rank holds a disjoint part and the sums are all-reduced over ranks.
-    """
-    dev = torch.device(device)
-    module = _unwrap(model)
-    was_training = module.training
-    module.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    use_amp = amp and dev.type == "cuda"
-    try:
-        for batch in loader:
-            images, labels = _to_device(*_split_batch(batch), dev, channels_last)
-            with _autocast(dev, use_amp):
-                logits = module(images)
-            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum").item())
-            correct += _correct(logits, labels)
-            count += int(labels.shape[0])
-    finally:
-        module.train(was_training)
-    if ctx is not None and sharded:
-        loss_sum, correct_f, count_f = ctx.all_reduce_sum([loss_sum, float(correct), float(count)])
-        correct, count = round(correct_f), round(count_f)
-    if count == 0:
-        raise ConfigError("evaluation loader produced no samples")
-    return {"loss": loss_sum / count, "acc": correct / count, "count": float(count)}
+    """Validation/test metrics through :func:`pare.evaluate.evaluate`: ``{"loss", "acc"}`` with ``acc`` a
+    fraction. ``sharded``: this rank holds a disjoint part of the data, so the sums are all-reduced."""
+    out = evaluate(
+        model,
+        loader,
+        device=device,
+        topk=(1,),
+        channels_last=recipe.channels_last,
+        amp=recipe.amp,
+        all_reduce=sharded,
+    )
+    return {"loss": float(out["loss"]), "acc": float(out["top1"]) / 100.0}
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
@@ -308,6 +285,8 @@ def fit(
     ``hooks`` are objects with any of these optional methods, called on the unwrapped model:
 
     * ``on_epoch_start(model, epoch)``: at the start of each epoch (again when resuming inside that epoch);
+    * ``on_epoch_end(model, epoch)``: after the epoch's last step, before validation and the epoch checkpoint
+      (e.g. soft pruning re-zeroes filters here, :mod:`pare.methods.soft_prune`);
     * ``on_loss(model, loss, batch) -> loss``: add a regulariser (``batch`` = (images, labels) on the device);
     * ``after_backward(model)``: gradients are complete, all-reduced and unscaled (e.g. a BN-γ subgradient);
     * ``after_step(model, optimizer, lr)``: after the optimizer step (e.g. a proximal step at the current LR);
@@ -575,20 +554,14 @@ def _fit(
                 epoch_started = time.perf_counter()
                 save_checkpoint(epoch, step + 1)
         bar.close()
+        # Before validation and the epoch checkpoint, so both see (and a resume restores) what the hook did.
+        _call_hooks(hooks, "on_epoch_end", model, epoch)
 
         train_loss_sum, train_correct, train_count = ctx.all_reduce_sum(
             [sums["loss"], sums["correct"], sums["count"]]
         )
         with RngFork():
-            val = evaluate(
-                model,
-                val_loader,
-                dev,
-                channels_last=recipe.channels_last,
-                amp=recipe.amp,
-                ctx=ctx,
-                sharded=val_sharded,
-            )
+            val = _evaluate(model, val_loader, dev, recipe, val_sharded)
         if val["acc"] > best_val_acc:
             best_val_acc, best_val_epoch = val["acc"], epoch
             if keep_best:
@@ -637,28 +610,12 @@ def _fit(
     if test_loader is not None:
         test_loader, test_sharded = prepare_eval_loader(test_loader, ctx)
         with RngFork():
-            test = evaluate(
-                model,
-                test_loader,
-                dev,
-                channels_last=recipe.channels_last,
-                amp=recipe.amp,
-                ctx=ctx,
-                sharded=test_sharded,
-            )
+            test = _evaluate(model, test_loader, dev, recipe, test_sharded)
         result.test_loss, result.test_acc = test["loss"], test["acc"]
     if keep_best and best_state is not None:
         model.load_state_dict(best_state)
         if test_loader is not None:
             with RngFork():
-                result.test_acc_best_val = evaluate(
-                    model,
-                    test_loader,
-                    dev,
-                    channels_last=recipe.channels_last,
-                    amp=recipe.amp,
-                    ctx=ctx,
-                    sharded=test_sharded,
-                )["acc"]
+                result.test_acc_best_val = _evaluate(model, test_loader, dev, recipe, test_sharded)["acc"]
     result.seconds = time.perf_counter() - started
     return result
