@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import git_commit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from pare.count import Counts, count  # noqa: E402
 from pare.models import create  # noqa: E402
@@ -72,14 +73,6 @@ ROWS: tuple[Row, ...] = (
     Row("resnet56", None, 125_485_696, 532_480, 125.49, "macs"),
     Row("resnet110", None, 252_887_680, 1_048_576, 252.89, "macs"),
 )
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def bn2d_elements(counts: Counts) -> int:

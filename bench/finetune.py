@@ -24,7 +24,6 @@ import copy
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import git_commit, git_dirty  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import pare  # noqa: E402
 import pare.criteria  # noqa: E402  (registers the criteria)
@@ -62,24 +63,6 @@ MARKDOWN = REPO / "docs" / "results" / "finetune.md"
 # Strongest one-shot criteria first (docs/results/oneshot.md, compensate+bn-recal, internal mode), so that a
 # run cut short by the time budget still covers the rows that matter most.
 PRIORITY = ("taylor", "fpgm", "l1", "chip")
-
-
-def git_dirty() -> bool:
-    """True when tracked files differ from HEAD (results then come from uncommitted code)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return True
-    return bool(out.strip())
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def default_rows() -> list[str]:
@@ -330,6 +313,7 @@ def write_markdown(record: dict[str, Any]) -> None:
         "",
         "    python bench/finetune.py --rows " + ",".join(r["row"] for r in record["rows"])
         + ("" if r0["distill_alpha"] == 0 else f" --distill-alpha {r0['distill_alpha']}")
+        + ("" if r0["lr"] == 0.01 else f" --lr {r0['lr']}")
         + ("" if r0["name"] == "finetune-1ep" else f"  # recipe {r0['name']}"),
         "",
         f"Checkpoint {record['baseline_checkpoint']['path']} (sha256 "

@@ -24,7 +24,6 @@ import copy
 import inspect
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import git_commit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import pare  # noqa: E402
 import pare.criteria  # noqa: E402  (registers the criteria)
@@ -54,14 +55,6 @@ TARGET = 0.5
 RESULT = REPO / "bench" / "results" / "oneshot.json"
 COMP_DEFAULTS = {k: v.default for k, v in inspect.signature(compensate).parameters.items()}
 TARGET_ACCURACY = 88.0  # issue #4: best pare criterion, one-shot with BN recalibration, on the lossless images
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def accuracy(model: nn.Module, loaders: dict[str, InMemoryLoader]) -> dict[str, float]:

@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import git_commit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from pare.allocate import Budget  # noqa: E402
 from pare.count import count  # noqa: E402
@@ -109,16 +110,6 @@ class ChannelsLast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) in any memory format -> the model's output."""
         return self.model(x.contiguous(memory_format=torch.channels_last))
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return out.stdout.strip() + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def tp_prune(base: nn.Module, x: torch.Tensor, target: float, base_macs: int) -> tuple[nn.Module, float, float]:
@@ -560,7 +551,7 @@ def main() -> int:
         "command": COMMAND + " " + " ".join(sys.argv[1:]),
         "started": started,
         "seed": args.seed,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(mark_dirty=True),
         "counter": "pare.count convention 'macs': conv + linear multiply-accumulates per image at the input "
                    "resolution (BN, ReLU, pooling and additions not counted)",
         "settings": {"runs": args.runs, "rounds": args.rounds, "batch16_runs": args.batch16_runs,
