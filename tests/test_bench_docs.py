@@ -84,7 +84,7 @@ def test_make_docs_sections_targets_absent_and_unknown(tmp_path: Path) -> None:
     speed = section(text, "Measured speed-up versus MACs (issue 6)")
     assert "**not met**" in speed and "4.10x MACs → 3.00x measured" in speed
     assert "Not run yet: `python bench/finetune.py` (needs /work/shared)." in section(
-        text, "Fine-tuning, 1 epoch (issue 4)")
+        text, "Fine-tuning, 1 epoch (issue 5)")
     assert "Not run yet: `python bench/ddp_overhead.py`." in section(text, "Distributed overhead")
     mystery = section(text, "mystery (no dedicated section)")
     assert "| answer | 42 |" in mystery and "| nested.x | 0.25 |" in mystery
@@ -107,7 +107,7 @@ def test_make_docs_targets_met_from_data(tmp_path: Path) -> None:
     text = make_docs.render(tmp_path)
     assert "**met** (0.40x)" in section(text, "Engine speed: trace + prune versus Torch-Pruning")
     assert "**met**" in section(text, "Measured speed-up versus MACs (issue 6)")
-    assert "**met** (91.60% (taylor); Torch-Pruning L1 89.80%)" in section(text, "Fine-tuning, 1 epoch (issue 4)")
+    assert "**met** (91.60% (taylor); Torch-Pruning L1 89.80%)" in section(text, "Fine-tuning, 1 epoch (issue 5)")
 
 
 def test_make_docs_check_detects_stale_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
