@@ -58,8 +58,7 @@ NORM = "imagenet"  # the akamaster checkpoints were trained with ImageNet mean/s
 TARGET = 0.5
 TARGET_LOSSLESS = 91.5  # issue #5: best pare criterion after 1 epoch of fine-tuning, top-1 % on lossless932
 DEFAULT_RESULTS = REPO / "bench" / "results" / "finetune.json"
-RESULTS = DEFAULT_RESULTS  # --results redirects it (smoke tests); the markdown is written only for the default
-MARKDOWN = REPO / "docs" / "results" / "finetune.md"
+RESULTS = DEFAULT_RESULTS  # --results redirects it; a JSON in bench/results/ gets docs/results/<same stem>.md
 # Strongest one-shot criteria first (docs/results/oneshot.md, compensate+bn-recal, internal mode), so that a
 # run cut short by the time budget still covers the rows that matter most.
 PRIORITY = ("taylor", "fpgm", "l1", "chip")
@@ -147,7 +146,7 @@ def main() -> int:
     parser.add_argument("--work-dir", default="/tmp/pare_finetune", help="fit checkpoints (resume mid-epoch)")
     args = parser.parse_args()
     global RESULTS
-    RESULTS = Path(args.results)
+    RESULTS = Path(args.results).resolve()
     if args.markdown_only:
         write_markdown(json.loads(RESULTS.read_text()))
         return 0
@@ -188,7 +187,7 @@ def main() -> int:
     with locked_results() as record:
         if record.get("config") not in (None, config):
             # A different protocol must not be mixed into one table: keep the old file aside.
-            old = RESULTS.with_name(f"finetune.{int(time.time())}.json")
+            old = RESULTS.with_name(f"{RESULTS.stem}.{int(time.time())}.json")
             old.write_text(json.dumps(record, indent=2) + "\n")
             print(f"config changed: previous results moved to {old}", flush=True)
             record.clear()
@@ -296,7 +295,7 @@ def main() -> int:
         print(f"[{row}] {entry}", flush=True)
         with locked_results() as record:
             record["rows"] = [r for r in record["rows"] if r["row"] != row] + [entry]
-            if RESULTS == DEFAULT_RESULTS:
+            if RESULTS.parent == DEFAULT_RESULTS.parent:
                 write_markdown(record)
     return 0
 
@@ -314,6 +313,7 @@ def write_markdown(record: dict[str, Any]) -> None:
         "    python bench/finetune.py --rows " + ",".join(r["row"] for r in record["rows"])
         + ("" if r0["distill_alpha"] == 0 else f" --distill-alpha {r0['distill_alpha']}")
         + ("" if r0["lr"] == 0.01 else f" --lr {r0['lr']}")
+        + ("" if RESULTS == DEFAULT_RESULTS else f" --results {RESULTS.relative_to(REPO)}")
         + ("" if r0["name"] == "finetune-1ep" else f"  # recipe {r0['name']}"),
         "",
         f"Checkpoint {record['baseline_checkpoint']['path']} (sha256 "
@@ -332,7 +332,8 @@ def write_markdown(record: dict[str, Any]) -> None:
         "Rows run: " + ", ".join(r["row"] for r in record["rows"]) + ". Not run (time budget of the 2-core "
         "machine): " + (", ".join(r for r in default_rows() if r not in {x["row"] for x in record["rows"]}) or "none")
         + ".",
-        f"One seed; the LR ({r0['lr']}) was set from the CHIP / Torch-Pruning fine-tuning presets, not tuned on the "
+        f"One seed; the LR ({r0['lr']}) was fixed before the run (the CHIP / Torch-Pruning presets use 0.01; "
+        "0.005 was chosen in advance for starts that are already repaired), not tuned on the test or the "
         "validation split. Best-epoch test accuracies are not reported; `best_epoch_on_val` in the JSON names the "
         "epoch validation would pick and its validation accuracy.",
         "",
@@ -357,8 +358,9 @@ def write_markdown(record: dict[str, Any]) -> None:
         lines += ["", f"Issue #5 target (best pare criterion >= {TARGET_LOSSLESS}% on lossless932 after the 1-epoch "
                       f"fine-tune): {'met' if acc >= TARGET_LOSSLESS else 'not met'}; best pare row: "
                       f"{best['criterion']} at {acc:.2f}%."]
-    MARKDOWN.parent.mkdir(parents=True, exist_ok=True)
-    MARKDOWN.write_text("\n".join(lines) + "\n")
+    markdown = REPO / "docs" / "results" / f"{RESULTS.stem}.md"
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

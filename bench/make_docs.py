@@ -555,6 +555,15 @@ SECTIONS: tuple[Section, ...] = (
         extra=["Full table: [results/finetune.md](results/finetune.md) (written by bench/finetune.py)."],
     ),
     Section(
+        "finetune_kd", "Fine-tuning, 1 epoch, with distillation (issue 5)",
+        "python bench/finetune.py --rows taylor,tp-l1 --lr 0.005 --distill-alpha 0.9 "
+        "--results bench/results/finetune_kd.json", FINETUNE_TARGET, render_finetune, target_finetune,
+        needs_shared=True,
+        prose="The protocol of the section above, with knowledge distillation from the dense model for every row "
+              "(Torch-Pruning's too).",
+        extra=["Full table: [results/finetune_kd.md](results/finetune_kd.md)."],
+    ),
+    Section(
         "speedup", "Measured speed-up versus MACs (issue 6)", "python bench/speedup.py", SPEEDUP_TARGET, render_speedup,
         target_speedup,
         prose="Latency is measured with `pare.measure_latency` (median with warm-up, interleaved dense/pruned "
