@@ -36,6 +36,12 @@ def write(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data))
 
 
+
+def speed_row(config: str, library: str, batch: int, macs_ratio: float, speedup: float) -> dict:
+    """A ResNet-50 eager row as bench/speedup.py writes it."""
+    return {"model": "resnet50", "config": config, "library": library, "backend": "eager", "batch": batch,
+            "macs_ratio": macs_ratio, "speedup": speedup, "speedup_over_macs_ratio": speedup / macs_ratio}
+
 def engine_json(ratio50: float) -> dict[str, Any]:
     def case(ratio: float) -> dict[str, Any]:
         return {"input_shape": [1, 3, 32, 32], "pare": {"graph_s": 0.01, "prune_s": 0.01, "total_s": 0.02},
@@ -66,8 +72,8 @@ def test_make_docs_sections_targets_absent_and_unknown(tmp_path: Path) -> None:
          "reported_m": 1.1, "reported_convention": "chip", "match": False},
     ]})
     write(tmp_path / "speedup.json", {"rows": [
-        {"model": "resnet50", "batch_size": 1, "macs_speedup": 2.0, "measured_speedup": 1.9},
-        {"model": "resnet50", "batch_size": 1, "macs_speedup": 4.1, "measured_speedup": 3.0},
+        speed_row("uniform", "pare", 1, 2.0, 1.9),
+        speed_row("uniform", "pare", 1, 4.1, 3.0),
     ]})
     write(tmp_path / "mystery.json", {"answer": 42, "nested": {"x": 0.25}})
     text = make_docs.render(tmp_path)
@@ -82,7 +88,7 @@ def test_make_docs_sections_targets_absent_and_unknown(tmp_path: Path) -> None:
     chip = section(text, "CHIP MACs table")
     assert "**not met** (1 of 2 rows)" in chip
     speed = section(text, "Measured speed-up versus MACs (issue 6)")
-    assert "**not met**" in speed and "4.10x MACs → 3.00x measured" in speed
+    assert "**not met**" in speed and "4x: eager 0.73 (uniform)" in speed
     assert "Not run yet: `python bench/finetune.py` (needs /work/shared)." in section(
         text, "Fine-tuning, 1 epoch (issue 5)")
     assert "Not run yet: `python bench/ddp_overhead.py`." in section(text, "Distributed overhead")
@@ -96,9 +102,10 @@ def test_make_docs_sections_targets_absent_and_unknown(tmp_path: Path) -> None:
 def test_make_docs_targets_met_from_data(tmp_path: Path) -> None:
     write(tmp_path / "engine_speed.json", engine_json(0.4))
     write(tmp_path / "speedup.json", {"rows": [
-        {"batch_size": 1, "macs_speedup": 2.0, "measured_speedup": 1.85},
-        {"batch_size": 1, "macs_speedup": 3.9, "measured_speedup": 3.6},
-        {"batch_size": 8, "macs_speedup": 3.9, "measured_speedup": 1.0},  # not batch 1: ignored
+        speed_row("uniform", "pare", 1, 2.0, 1.85),
+        speed_row("uniform", "pare", 1, 3.9, 3.6),
+        speed_row("uniform", "pare", 8, 3.9, 1.0),  # not batch 1: ignored
+        speed_row("L1", "torch-pruning 1.6", 1, 3.9, 2.0),
     ]})
     write(tmp_path / "finetune.json", {"rows": [
         {"row": "tp-l1", "library": "torch-pruning 1.6.1", "criterion": "l1", "final_epoch": {"lossless932": 89.8}},
