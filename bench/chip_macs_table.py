@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import git_commit  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _common import environment, git_commit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from pare.count import Counts, count  # noqa: E402
 from pare.models import create  # noqa: E402
@@ -140,10 +138,7 @@ def main() -> None:
         "seconds": round(seconds, 2),
         "git_commit": git_commit(),
         "timestamp_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **environment(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

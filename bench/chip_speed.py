@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 import pare  # noqa: E402
 from pare.criteria.chip import chip_scores, chip_scores_reference  # noqa: E402
@@ -131,10 +132,7 @@ def main() -> None:
         "max_abs_diff_mean_ci": max_abs,
         "max_rel_diff_mean_ci": max_rel,
         "maps_with_identical_ranking": same_order,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **environment(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
