@@ -26,8 +26,10 @@ def _git(*args: str) -> str | None:
 
 
 def git_dirty() -> bool:
-    """True when tracked files differ from HEAD (or git cannot tell): the record's commit is then approximate."""
-    out = _git("status", "--porcelain", "--untracked-files=no")
+    """True when tracked files differ from HEAD (or git cannot tell): the record's commit is then approximate.
+    Benchmark outputs (bench/results, docs/results, docs/benchmarks.md) do not count: a run rewrites them itself."""
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+               ":(exclude)bench/results", ":(exclude)docs/results", ":(exclude)docs/benchmarks.md")
     return True if out is None else bool(out)
 
 

@@ -1,6 +1,7 @@
 """Prune-then-fine-tune benchmark: the akamaster ResNet-56 at 50% MACs, every criterion under one budget.
 
-Each row: prune (block-internal convs, ``internal_only``) to 50% MACs reduction, repair the one-shot model
+Each row: prune (block-internal convs, ``internal_only``) to 50% MACs reduction (a row ``crit@uniform`` uses the
+same keep ratio in every layer instead of the default global ranking), repair the one-shot model
 (BN recalibration on 1024 training images, optionally least-squares compensation first), then fine-tune with
 the same recipe for every row (default: 1 epoch on the CIFAR-10 JPEG training set minus a seeded 5000-image
 validation split, pad-4 crop + flip, SGD cosine from 0.01; ``--distill-alpha`` adds knowledge distillation
@@ -13,7 +14,7 @@ Rows are written to bench/results/finetune.json (and docs/results/finetune.md) a
 the same configuration skips rows already present, and ``fit`` checkpoints under ``--work-dir`` every 50
 steps, so a killed run resumes mid-epoch. Skips (exit 0) when /work/shared is absent.
 
-    python bench/finetune.py [--rows tp-l1,fpgm,taylor] [--epochs 1] [--recipe chip] [--lr 0.01]
+    python bench/finetune.py [--rows tp-l1,fpgm,taylor,l1@uniform] [--epochs 1] [--recipe chip] [--lr 0.01]
     python bench/finetune.py --markdown-only   # rewrite docs/results/finetune.md from the JSON
 """
 
@@ -70,6 +71,15 @@ def default_rows() -> list[str]:
     return ["tp-l1", *[n for n in PRIORITY if n in names], "dense", *rest]
 
 
+def parse_row(row: str) -> tuple[str, str]:
+    """``"taylor"`` -> ("taylor", "global"); ``"l1@uniform"`` -> ("l1", "uniform"). Rows without a pare
+    allocation (tp-l1, dense) return ("tp-l1", "-") etc."""
+    name, at, allocation = row.partition("@")
+    if name in ("tp-l1", "dense"):
+        return name, "-" if not at else f"invalid ({allocation})"
+    return name, allocation or "global"
+
+
 def accuracy(model: nn.Module, loaders: dict[str, InMemoryLoader]) -> dict[str, float]:
     return {name: round(float(evaluate(model, loader, topk=(1,))["top1"]), 2) for name, loader in loaders.items()}
 
@@ -118,7 +128,8 @@ def locked_results() -> Iterator[dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="", help="comma-separated rows: tp-l1, dense, or criterion names "
+    parser.add_argument("--rows", default="", help="comma-separated rows: tp-l1, dense, or criterion names, "
+                                                    "optionally with @uniform or @global (default allocation) "
                                                     "(default: tp-l1, taylor, fpgm, l1, chip, dense, the rest)")
     parser.add_argument("--criteria", default="", help="only these pare criteria (plus tp-l1 and dense unless "
                                                         "--no-torch-pruning / --no-dense)")
@@ -180,9 +191,11 @@ def main() -> int:
             rows.remove("tp-l1")
         if args.no_dense:
             rows.remove("dense")
-    unknown = [r for r in rows if r not in ("tp-l1", "dense", *criteria_names)]
+    unknown = [r for r in rows if parse_row(r)[0] not in ("tp-l1", "dense", *criteria_names)
+               or parse_row(r)[1] not in ("-", "global", "uniform")]
     if unknown:
-        parser.error(f"unknown rows {unknown}; known: tp-l1, dense, {', '.join(criteria_names)}")
+        parser.error(f"unknown rows {unknown}; known: tp-l1, dense, {', '.join(criteria_names)} "
+                     "(criteria optionally with @uniform or @global)")
 
     with locked_results() as record:
         if record.get("config") not in (None, config):
@@ -260,17 +273,19 @@ def main() -> int:
                 model, _, version = tp_l1(base, x, base_counts.macs)
                 recalibrate_bn(model, calib, batches=len(calib))
                 start = "bn-recal"
-                entry.update(library=f"torch-pruning {version}", criterion="l1", mode="internal")
+                entry.update(library=f"torch-pruning {version}", criterion="l1", mode="internal",
+                             allocation="uniform (one pruning ratio per layer)")
             else:
-                res = prune(base, x, criterion=row, target=Budget(macs_reduction=TARGET), data=score_data,
-                            internal_only=True, seed=args.seed)
+                criterion, allocation = parse_row(row)
+                res = prune(base, x, criterion=criterion, target=Budget(macs_reduction=TARGET), data=score_data,
+                            allocation=allocation, internal_only=True, seed=args.seed)
                 model, start = res.model, args.start
                 recalibrate_bn(model, calib, batches=len(calib))
                 if start == "compensate+bn-recal":
                     # Fit on the recalibrated model's inputs, then recalibrate again for the new weights.
                     compensate(base, model, pare.trace(base, x), res.removals, calib, seed=args.seed)
                     recalibrate_bn(model, calib, batches=len(calib))
-                entry.update(library="pare", criterion=row, mode="internal")
+                entry.update(library="pare", criterion=criterion, mode="internal", allocation=allocation)
             c = count(model, x)
             entry.update(start=start, macs=c.macs, params=c.params,
                          macs_reduction=round(1 - c.macs / base_counts.macs, 5),
@@ -337,18 +352,22 @@ def write_markdown(record: dict[str, Any]) -> None:
         "validation split. Best-epoch test accuracies are not reported; `best_epoch_on_val` in the JSON names the "
         "epoch validation would pick and its validation accuracy.",
         "",
-        "| library | criterion | start | MACs | MACs red. | params | "
+        "| library | criterion | allocation | start | MACs | MACs red. | params | "
         + " | ".join(f"one-shot {t}" for t in tests) + " | " + " | ".join(f"**final {t}**" for t in tests)
         + " | val (final) | s/epoch (wall, shared 2-core CPU) |",
-        "|---|---|---|---|---|---|" + "---|" * (2 * len(tests)) + "---|---|",
+        "|---|---|---|---|---|---|---|" + "---|" * (2 * len(tests)) + "---|---|",
     ]
     for r in record["rows"]:
         if "error" in r:
-            lines.append(f"| {r.get('library', r['row'])} | {r.get('criterion', r['row'])} | error: {r['error']} |")
+            lines.append(f"| {r.get('library', r['row'])} | {r.get('criterion', r['row'])} | "
+                         f"{r.get('allocation', '-')} | error: {r['error']} |")
             continue
         before = " | ".join(f"{r['before_finetune'][t]:.2f}" for t in tests)
         final = " | ".join(f"**{r['final_epoch'][t]:.2f}**" for t in tests)
-        lines.append(f"| {r['library']} | {r['criterion']} | {r['start']} | {r['macs']:,} | "
+        # Rows recorded before the allocation field existed were pare global / Torch-Pruning per-layer ratios.
+        allocation = r.get("allocation", "global" if r["library"] == "pare" else
+                           "-" if r["library"] == "dense" else "uniform (one pruning ratio per layer)")
+        lines.append(f"| {r['library']} | {r['criterion']} | {allocation} | {r['start']} | {r['macs']:,} | "
                      f"{100 * r['macs_reduction']:.2f}% | {r['params']:,} | {before} | {final} | "
                      f"{r['final_val_acc']:.2f} | {', '.join(str(s) for s in r['epoch_seconds'])} |")
     pare_rows = [r for r in record["rows"] if r.get("library") == "pare" and "final_epoch" in r]
@@ -357,7 +376,7 @@ def write_markdown(record: dict[str, Any]) -> None:
         acc = best["final_epoch"]["lossless932"]
         lines += ["", f"Issue #5 target (best pare criterion >= {TARGET_LOSSLESS}% on lossless932 after the 1-epoch "
                       f"fine-tune): {'met' if acc >= TARGET_LOSSLESS else 'not met'}; best pare row: "
-                      f"{best['criterion']} at {acc:.2f}%."]
+                      f"{best['row']} at {acc:.2f}%."]
     markdown = REPO / "docs" / "results" / f"{RESULTS.stem}.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text("\n".join(lines) + "\n")

@@ -385,7 +385,7 @@ def render_finetune(d: Json) -> list[str]:
     best = max((r for r in ok if r.get("library") == "pare"), key=finetune_acc, default=None)
     tp = max(_tp(ok), key=finetune_acc, default=None)
     if best is not None:
-        out.append(f"Best pare row: **{finetune_acc(best):.2f}%** ({best.get('criterion', '?')}, "
+        out.append(f"Best pare row: **{finetune_acc(best):.2f}%** ({best.get('row', best.get('criterion', '?'))}, "
                    f"start {best.get('start', '?')}).")
     if tp is not None:
         out.append(f"Torch-Pruning row: {finetune_acc(tp):.2f}% ({tp.get('criterion', '?')}).")
@@ -413,7 +413,7 @@ def target_finetune(d: Json) -> Target:
     if best is None:
         return Target(FINETUNE_TARGET, None, "no pare row yet" + ref)
     acc = finetune_acc(best) or 0.0  # _finetune_ok kept only rows that have an accuracy
-    return Target(FINETUNE_TARGET, acc >= 91.5, f"{acc:.2f}% ({best.get('criterion', '?')}){ref}")
+    return Target(FINETUNE_TARGET, acc >= 91.5, f"{acc:.2f}% ({best.get('row', best.get('criterion', '?'))}){ref}")
 
 
 # -- measured speed-up --------------------------------------------------------------------------------------------
