@@ -159,7 +159,9 @@ def main() -> int:
     global RESULTS
     RESULTS = Path(args.results).resolve()
     if args.markdown_only:
-        write_markdown(json.loads(RESULTS.read_text()))
+        with locked_results() as record:
+            record["command"] = rerun_command(record)
+            write_markdown(record)
         return 0
     torch.set_num_threads(args.threads)
     weights = SHARED / "weights" / "akamaster_resnet56-4bfd9763.th"
@@ -310,9 +312,21 @@ def main() -> int:
         print(f"[{row}] {entry}", flush=True)
         with locked_results() as record:
             record["rows"] = [r for r in record["rows"] if r["row"] != row] + [entry]
+            record["command"] = rerun_command(record)  # bench/make_docs.py quotes it
             if RESULTS.parent == DEFAULT_RESULTS.parent:
                 write_markdown(record)
     return 0
+
+
+def rerun_command(record: dict[str, Any]) -> str:
+    """The command that reproduces every row of ``record`` (into the same results file)."""
+    r0 = record["recipe"]
+    return ("python bench/finetune.py --rows " + ",".join(r["row"] for r in record["rows"])
+            + ("" if r0["lr"] == 0.01 else f" --lr {r0['lr']}")
+            + ("" if r0["distill_alpha"] == 0 else f" --distill-alpha {r0['distill_alpha']}")
+            + ("" if record["config"]["start"] == "compensate+bn-recal" else f" --start {record['config']['start']}")
+            + ("" if RESULTS == DEFAULT_RESULTS else f" --results {RESULTS.relative_to(REPO)}")
+            + ("" if r0["name"] == "finetune-1ep" else f"  # recipe {r0['name']}"))
 
 
 def write_markdown(record: dict[str, Any]) -> None:
@@ -325,11 +339,7 @@ def write_markdown(record: dict[str, Any]) -> None:
         "table; rows may be split over concurrent processes with disjoint `--rows`, which share the JSON under a "
         "file lock):",
         "",
-        "    python bench/finetune.py --rows " + ",".join(r["row"] for r in record["rows"])
-        + ("" if r0["distill_alpha"] == 0 else f" --distill-alpha {r0['distill_alpha']}")
-        + ("" if r0["lr"] == 0.01 else f" --lr {r0['lr']}")
-        + ("" if RESULTS == DEFAULT_RESULTS else f" --results {RESULTS.relative_to(REPO)}")
-        + ("" if r0["name"] == "finetune-1ep" else f"  # recipe {r0['name']}"),
+        "    " + rerun_command(record),
         "",
         f"Checkpoint {record['baseline_checkpoint']['path']} (sha256 "
         f"{str(record['baseline_checkpoint']['sha256'])[:12]}...), counter {record['counter_convention']}, "
