@@ -568,6 +568,16 @@ SECTIONS: tuple[Section, ...] = (
         extra=["Full table: [results/finetune_kd.md](results/finetune_kd.md)."],
     ),
     Section(
+        "finetune_kd_bnrecal", "Fine-tuning with distillation from a BN-recalibrated start (issue 5, ablation)",
+        "python bench/finetune.py --rows l1@uniform --lr 0.005 --distill-alpha 0.9 --start bn-recal "
+        "--results bench/results/finetune_kd_bnrecal.json", FINETUNE_TARGET, render_finetune, target_finetune,
+        needs_shared=True,
+        prose="The distillation protocol above, but fine-tuning starts from the BN-recalibrated model without "
+              "least-squares compensation: the same start the Torch-Pruning row gets, so that `l1@uniform` here "
+              "and Torch-Pruning L1 differ only in which channels each library removes.",
+        extra=["Full table: [results/finetune_kd_bnrecal.md](results/finetune_kd_bnrecal.md)."],
+    ),
+    Section(
         "speedup", "Measured speed-up versus MACs (issue 6)", "python bench/speedup.py", SPEEDUP_TARGET, render_speedup,
         target_speedup,
         prose="Latency is measured with `pare.measure_latency` (median with warm-up, interleaved dense/pruned "
