@@ -268,6 +268,10 @@ def render_ddp(d: Json) -> list[str]:
         "",
         f"Ratio 2-process / 1-process per-sample time: {ratio:.2f} (ideal {ideal:g}); overhead = ratio / ideal − 1 "
         f"= {100 * (ratio / ideal - 1):.0f}%.",
+        *([f"Trainer: {d['trainer']}; medians of {d.get('repeats', 1)} interleaved pairs (1-process runs "
+           f"{fmt(d.get('per_sample_ms_1proc_runs'))} ms, 2-process runs {fmt(d.get('per_sample_ms_2proc_runs'))} "
+           f"ms); load average before / after: {fmt(d.get('load_average_before'))} / "
+           f"{fmt(d.get('load_average_after'))}; commit {d.get('git_commit', '?')}."] if "trainer" in d else []),
     ]
 
 
@@ -528,9 +532,9 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section(
         "ddp_overhead", "Distributed overhead", "python bench/ddp_overhead.py", DDP_TARGET, render_ddp, target_ddp,
-        prose="The ideal 2-process per-sample time is half the 1-process one (two cores working). The project's "
-              "machines have two cores shared with other jobs, so a run there includes their interference; "
-              "rerun on an idle machine before quoting the figure as DDP's own overhead.",
+        prose="The ideal 2-process per-sample time is half the 1-process one (two cores working). On a machine "
+              "with two cores any other job competes with the two ranks, so the load average before and after "
+              "the run is recorded; quote the figure as DDP's own overhead only from a run on an idle machine.",
     ),
     Section(
         "oneshot", "One-shot accuracy (issue 4)", "python bench/oneshot.py", ONESHOT_TARGET, render_oneshot,
