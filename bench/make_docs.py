@@ -383,6 +383,13 @@ def _finetune_ok(d: Json) -> list[Json]:
     return rows
 
 
+def _jpeg_final(r: Json) -> str:
+    """The final-epoch accuracy on the JPEG test set (10,000 images: a smaller standard error than lossless932)."""
+    final = r.get("final_epoch")
+    values = [v for k, v in final.items() if k.startswith("jpeg_test")] if isinstance(final, dict) else []
+    return f"{values[0]:.2f}" if values and isinstance(values[0], (int, float)) else "—"
+
+
 def render_finetune(d: Json) -> list[str]:
     ok = _finetune_ok(d)
     out = []
@@ -393,16 +400,23 @@ def render_finetune(d: Json) -> list[str]:
                    f"start {best.get('start', '?')}).")
     if tp is not None:
         out.append(f"Torch-Pruning row: {finetune_acc(tp):.2f}% ({tp.get('criterion', '?')}).")
+    by_val = max((r for r in ok if r.get("library") == "pare" and isinstance(r.get("final_val_acc"), (int, float))),
+                 key=lambda r: r["final_val_acc"], default=None)
+    if by_val is not None and len([r for r in ok if r.get("library") == "pare"]) > 1:
+        # The best-on-test row is a maximum over many noisy rows; the validation pick is the unbiased choice.
+        out.append(f"Chosen on the validation split instead: {by_val.get('row', '?')} "
+                   f"(val {by_val['final_val_acc']:.2f}%) -> {finetune_acc(by_val):.2f}%.")
     body = []
     for r in ok:
         before = finetune_acc(r, "before_finetune")
         mr = r.get("macs_reduction")
         body.append([r.get("row", r.get("criterion", "?")), r.get("library", "?"), r.get("start", "?"),
                      pct(mr) if isinstance(mr, (int, float)) else "—",
-                     f"{before:.2f}" if before is not None else "—", f"{finetune_acc(r):.2f}",
-                     fmt(r.get("final_val_acc")), fmt(r.get("epoch_seconds")), fmt(r.get("seconds"))])
+                     f"{before:.2f}" if before is not None else "—", f"{finetune_acc(r):.2f}", _jpeg_final(r),
+                     fmt(r.get("final_val_acc")), fmt(r.get("epoch_seconds")), fmt(r.get("seconds")),
+                     str(r.get("git_commit", "?"))[:7] + ("+dirty" if r.get("git_dirty") else "")])
     out += ["", *table(["row", "library", "start", "MACs removed", "lossless932 before", "lossless932 final epoch",
-                        "val final", "epoch s", "total s"], body)]
+                        "JPEG test final epoch", "val final", "epoch s", "total s", "commit"], body)]
     for r in d["rows"]:
         if "error" in r:
             out.append(f"\n{r.get('row', r.get('criterion', '?'))}: error `{fmt(r['error'])}`")
@@ -574,7 +588,7 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "finetune_kd_bnrecal", "Fine-tuning with distillation from a BN-recalibrated start (issue 5, ablation)",
         "python bench/finetune.py --rows l1@uniform --lr 0.005 --distill-alpha 0.9 --start bn-recal "
-        "--results bench/results/finetune_kd_bnrecal.json", FINETUNE_TARGET, render_finetune, target_finetune,
+        "--results bench/results/finetune_kd_bnrecal.json", None, render_finetune, None,  # an ablation, not a target
         needs_shared=True,
         prose="The distillation protocol above, but fine-tuning starts from the BN-recalibrated model without "
               "least-squares compensation: the same start the Torch-Pruning row gets, so that `l1@uniform` here "
