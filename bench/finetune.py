@@ -28,7 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,13 +71,25 @@ def default_rows() -> list[str]:
     return ["tp-l1", *[n for n in PRIORITY if n in names], "dense", *rest]
 
 
-def parse_row(row: str) -> tuple[str, str]:
-    """``"taylor"`` -> ("taylor", "global"); ``"l1@uniform"`` -> ("l1", "uniform"). Rows without a pare
-    allocation (tp-l1, dense) return ("tp-l1", "-") etc."""
+def parse_row(row: str, criteria: Sequence[str]) -> tuple[str, str]:
+    """``"taylor"`` -> ("taylor", "global"); ``"l1@uniform"`` -> ("l1", "uniform"); ``"tp-l1"`` and ``"dense"``
+    -> (row, "-"). Raises ValueError for anything else."""
     name, at, allocation = row.partition("@")
-    if name in ("tp-l1", "dense"):
-        return name, "-" if not at else f"invalid ({allocation})"
-    return name, allocation or "global"
+    if name in ("tp-l1", "dense") and not at:
+        return name, "-"
+    if name in criteria and allocation in ("", "global", "uniform"):
+        return name, allocation or "global"
+    raise ValueError(row)
+
+
+def invalid_rows(rows: Sequence[str], criteria: Sequence[str]) -> list[str]:
+    bad = []
+    for row in rows:
+        try:
+            parse_row(row, criteria)
+        except ValueError:
+            bad.append(row)
+    return bad
 
 
 def accuracy(model: nn.Module, loaders: dict[str, InMemoryLoader]) -> dict[str, float]:
@@ -193,8 +205,7 @@ def main() -> int:
             rows.remove("tp-l1")
         if args.no_dense:
             rows.remove("dense")
-    unknown = [r for r in rows if parse_row(r)[0] not in ("tp-l1", "dense", *criteria_names)
-               or parse_row(r)[1] not in ("-", "global", "uniform")]
+    unknown = invalid_rows(rows, criteria_names)
     if unknown:
         parser.error(f"unknown rows {unknown}; known: tp-l1, dense, {', '.join(criteria_names)} "
                      "(criteria optionally with @uniform or @global)")
@@ -278,7 +289,7 @@ def main() -> int:
                 entry.update(library=f"torch-pruning {version}", criterion="l1", mode="internal",
                              allocation="uniform (one pruning ratio per layer)")
             else:
-                criterion, allocation = parse_row(row)
+                criterion, allocation = parse_row(row, criteria_names)
                 res = prune(base, x, criterion=criterion, target=Budget(macs_reduction=TARGET), data=score_data,
                             allocation=allocation, internal_only=True, seed=args.seed)
                 model, start = res.model, args.start
