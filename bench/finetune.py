@@ -281,7 +281,7 @@ def main() -> int:
         try:
             if row == "dense":
                 model, start = copy.deepcopy(base), "none"
-                entry.update(library="dense", criterion="-", mode="-")
+                entry.update(library="dense", criterion="-", mode="-", allocation="-")
             elif row == "tp-l1":
                 model, _, version = tp_l1(base, x, base_counts.macs)
                 recalibrate_bn(model, calib, batches=len(calib))
@@ -385,10 +385,8 @@ def write_markdown(record: dict[str, Any]) -> None:
             continue
         before = " | ".join(f"{r['before_finetune'][t]:.2f}" for t in tests)
         final = " | ".join(f"**{r['final_epoch'][t]:.2f}**" for t in tests)
-        # Rows recorded before the allocation field existed were pare global / Torch-Pruning per-layer ratios.
-        allocation = r.get("allocation", "global" if r["library"] == "pare" else
-                           "-" if r["library"] == "dense" else "uniform (one pruning ratio per layer)")
-        lines.append(f"| {r['library']} | {r['criterion']} | {allocation} | {r['start']} | {r['macs']:,} | "
+        lines.append(f"| {r['library']} | {r['criterion']} | {r.get('allocation', '-')} | {r['start']} | "
+                     f"{r['macs']:,} | "
                      f"{100 * r['macs_reduction']:.2f}% | {r['params']:,} | {before} | {final} | "
                      f"{r['final_val_acc']:.2f} | {', '.join(str(s) for s in r['epoch_seconds'])} |")
     pare_rows = [r for r in record["rows"] if r.get("library") == "pare" and "final_epoch" in r]
