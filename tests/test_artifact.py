@@ -276,10 +276,10 @@ def _node(spec: dict, name: str) -> dict:
         ("split", "target", "builtins:eval", "not allowlisted"),
         ("split", "target", "os:system", "not allowlisted"),
         ("split", "target", "torch:load", "not allowlisted"),
-        ("size", "target", "__class__", "not allowed"),
+        ("size", "target", "__class__", "not a valid name"),
         ("size", "target", "register_hook", "not allowed"),
         ("size", "target", "no_such_method", "not a Tensor method"),
-        ("conv", "target", "conv.__dict__", "invalid attribute path"),
+        ("conv", "target", "conv.__dict__", "not a valid module path"),
     ],
 )
 def test_tampered_graph_is_refused(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pare.cli._outdir import make_out_dir
 from pare.errors import CheckpointError, ConfigError, DataError
 
 BUDGET_DESTS = ("reduce_macs", "reduce_params", "channel_ratio", "sparsity", "reduce_latency")
@@ -600,8 +601,7 @@ def prepare_out_dir(path: str | Path, *, overwrite: bool, resume: bool = False, 
     if out.is_dir() and any(out.iterdir()) and not (overwrite or resume or ours):
         raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace its files, or "
                               "choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_out_dir(out)  # only now: a failed check leaves no empty folder; stale temporaries go
 
 
 def _metrics_kind(path: Path) -> str | None:

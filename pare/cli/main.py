@@ -20,6 +20,7 @@ from typing import Any
 
 from pare.cli import bench, count, criteria, demo, evaluate, export, prune, train
 from pare.cli._common import Console, HelpFormatter, Parser, UsageError, apply_config, global_flags, read_config
+from pare.cli._outdir import discard_empty_out_dirs, forget_out_dirs
 from pare.errors import PareError
 
 COMMANDS = (demo, prune, train, evaluate, count, export, bench, criteria)
@@ -75,7 +76,16 @@ def _run(argv: list[str], console: Console) -> tuple[int, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pare`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    code = _main(list(sys.argv[1:] if argv is None else argv))
+    # A failed command leaves no empty --out folder behind.
+    if code in (0, 141):
+        forget_out_dirs()
+    else:
+        discard_empty_out_dirs()
+    return code
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     console = Console(json="--json" in argv, quiet="--quiet" in argv or "-q" in argv)
     try:

@@ -133,6 +133,8 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
         raise ConfigError(f"{what} needs calibration/training data: pass --data PATH")
     if args.finetune is None and any(getattr(args, k) is not None for k in ("epochs", "lr", "train_batch_size")):
         raise ConfigError("--epochs/--lr/--train-batch-size need --finetune RECIPE")
+    if args.resume and args.finetune is None:  # nothing to resume: it would only replace the earlier run
+        raise ConfigError("--resume continues an interrupted --finetune run; without --finetune use --overwrite")
     recipe = common.build_recipe(args, args.finetune) if args.finetune else None
     out = common.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     common.seed_everything(args.seed)

@@ -8,6 +8,7 @@ short file with a subclass plus ``@register_criterion`` (see docs/criteria/addin
 from __future__ import annotations
 
 import difflib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,15 +94,35 @@ def register_criterion(cls: type[Criterion]) -> type[Criterion]:
     return cls
 
 
+def criterion_options(cls: type[Criterion]) -> list[str]:
+    """Keyword options the constructor of ``cls`` accepts (``--criterion-option`` keys)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in parameters if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def get_criterion(name: str | Criterion, **kwargs: Any) -> Criterion:
-    """An instance of the registered criterion ``name`` (a Criterion instance is returned as is)."""
+    """An instance of the registered criterion ``name`` (a Criterion instance is returned as is).
+
+    Raises:
+        ConfigError: unknown name, or an option the criterion does not take (the message lists the valid ones).
+    """
     if isinstance(name, Criterion):
         return name
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown criterion '{name}'{hint}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    cls = _REGISTRY[name]
+    valid = criterion_options(cls)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown and not takes_any:
+        raise ConfigError(f"criterion '{name}' has no option {', '.join(unknown)}; valid options: "
+                          f"{', '.join(valid) if valid else 'none'}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"criterion '{name}': invalid option value ({exc})") from None
 
 
 def list_criteria() -> list[type[Criterion]]:

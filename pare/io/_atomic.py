@@ -3,12 +3,17 @@ file.
 
 The data goes to a temporary file in the destination's own directory (``os.replace`` is only atomic within one
 file system), is flushed and fsync'ed, and only then renamed over the destination.
+
+Temporary files are named ``.<name>.<pid>.<random>.tmp``. A process killed mid-write (SIGKILL, power loss)
+cannot delete its own; the next atomic write into the same folder, or :func:`remove_stale_temporaries` at the
+start of a run, deletes those whose writing process no longer exists (this project's design).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +28,7 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     # Makes the rename itself durable; some platforms (Windows) cannot open a directory, which is harmless.
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -31,6 +36,46 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[^.]+\.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but belongs to someone else, or the platform cannot tell
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in ``directory`` (only ``name``'s when
+    given) whose writing process is gone; return what was deleted."""
+    folder = Path(directory)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        found = _TEMPORARY.fullmatch(entry.name)
+        if found is None or (name is not None and found["name"] != name) or _process_alive(int(found["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def temporary_next_to(target: Path) -> Path:
+    """A new empty temporary file beside ``target`` (stale ones of earlier killed writers are removed first)."""
+    remove_stale_temporaries(target.parent, target.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(tmp_name)
 
 
 @contextlib.contextmanager
@@ -42,16 +87,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     if not target.parent.is_dir():
         raise CheckpointError(f"{target}: cannot write, directory {target.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_next_to(target)
     try:
         yield tmp
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

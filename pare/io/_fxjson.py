@@ -14,9 +14,9 @@ attribute name. ``call_method`` targets must be public ``torch.Tensor`` methods 
 
 from __future__ import annotations
 
+import ast
 import builtins
 import functools
-import keyword
 import math
 import operator
 from typing import Any
@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.functional
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from pare.errors import CheckpointError
+from pare.io._schema import is_identifier as _is_identifier
 
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 
@@ -86,10 +87,6 @@ def _function_names() -> dict[int, str]:
     for key, value in _allowed_functions().items():
         names.setdefault(id(value), key)
     return names
-
-
-def _is_identifier(name: Any) -> bool:
-    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
 
 
 def _check_attr_path(target: Any, node: str) -> str:
@@ -253,6 +250,9 @@ def graph_from_json(data: Any) -> fx.Graph:
         kwargs = _decode_value(spec.get("kwargs"), env, name)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise CheckpointError(f"artifact graph: node '{name}' has malformed args/kwargs")
+        # fx writes keyword names verbatim into the source it generates: only plain identifiers may pass.
+        if not all(_is_identifier(key) for key in kwargs):
+            raise CheckpointError(f"artifact graph: node '{name}' has an invalid keyword argument name")
         if target is builtins.getattr and not (
             len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_")
         ):
@@ -263,3 +263,54 @@ def graph_from_json(data: Any) -> fx.Graph:
     except Exception as exc:  # lint raises RuntimeError/AssertionError for inconsistent graphs
         raise CheckpointError(f"artifact graph: inconsistent graph ({exc})") from None
     return graph
+
+
+# Statements and expressions fx never generates for a plain graph: finding one means a file string changed
+# the shape of the code.
+_FORBIDDEN_SYNTAX = (
+    ast.Import, ast.ImportFrom, ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Global,
+    ast.Nonlocal, ast.With, ast.AsyncWith, ast.Try, ast.Raise, ast.While, ast.For, ast.AsyncFor, ast.If,
+    ast.Delete, ast.Yield, ast.YieldFrom, ast.Await, ast.NamedExpr, ast.ListComp, ast.SetComp, ast.DictComp,
+    ast.GeneratorExp, ast.Assert, ast.JoinedStr, ast.Starred,
+)  # fmt: skip
+_CODE_BUILTINS = frozenset({"self", "getattr", "slice", "Ellipsis", "None", "True", "False"})
+
+
+def check_generated_code(graph: fx.Graph) -> None:
+    """Second line of defence: parse the source fx would execute for ``graph`` and refuse anything but
+    plain assignments of node values (every name a node, a placeholder or a global fx itself registered).
+
+    Raises:
+        CheckpointError: the generated code has a shape fx never produces for a stored graph.
+    """
+    try:
+        code = graph.python_code(root_module="self")
+        tree = ast.parse(code.src)
+    except (SyntaxError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"artifact graph: cannot generate code ({' '.join(str(exc).split())[:200]})") from None
+    nodes = {node.name for node in graph.nodes}
+    allowed = nodes | set(code.globals) | _CODE_BUILTINS
+    functions = tree.body
+    if len(functions) != 1 or not isinstance(functions[0], ast.FunctionDef) or functions[0].name != "forward":
+        raise CheckpointError("artifact graph: generated code is not a single forward function")
+    for item in ast.walk(functions[0]):
+        bad = isinstance(item, _FORBIDDEN_SYNTAX) and item is not functions[0]
+        bad = bad or (isinstance(item, ast.Name) and item.id not in allowed)
+        bad = bad or (isinstance(item, ast.Attribute) and item.attr.startswith("__"))
+        bad = bad or (isinstance(item, ast.arg) and item.arg not in nodes | {"self"})
+        if bad:
+            raise CheckpointError(
+                f"artifact graph: generated code contains {type(item).__name__} at line "
+                f"{getattr(item, 'lineno', '?')}, which no stored graph produces"
+            )
+
+
+def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str, where: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)`` after :func:`check_generated_code` passed."""
+    if not _is_identifier(class_name):
+        raise CheckpointError(f"artifact spec: graph module '{where}' has a bad class name")
+    check_generated_code(graph)
+    try:
+        return fx.GraphModule(root, graph, class_name)
+    except (AttributeError, RuntimeError, TypeError, SyntaxError) as exc:
+        raise CheckpointError(f"artifact graph at '{where}' does not fit its modules ({exc})") from None

@@ -41,11 +41,14 @@ from torch import fx, nn
 
 from pare.errors import CheckpointError, ConfigError
 from pare.io._atomic import atomic_write_bytes
-from pare.io._fxjson import graph_from_json, graph_to_json
+from pare.io._fxjson import build_graph_module, graph_from_json, graph_to_json
 from pare.io._layers import build_leaf, describe_leaf, is_supported_leaf, qualified_name
+from pare.io._schema import MAX_HEADER_BYTES, parse_json, read_header
+from pare.io._validate import FORMAT_VERSIONS, validate_provenance, validate_spec
 from pare.io.checkpoint import ARTIFACT_FORMAT, ARTIFACT_FORMAT_KEY, read_safetensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = max(FORMAT_VERSIONS)
+MAX_PROVENANCE_BYTES = 1 << 18
 SPEC_KEY = "pare.spec"
 PROVENANCE_KEY = "pare.provenance"
 _RESERVED_PROVENANCE = frozenset(
@@ -233,40 +236,35 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: dict[str, 
 
 # ------------------------------------------------------------------------------------------------------- load
 def _parse_header(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Spec and provenance of an artifact's string metadata, validated against the whole schema."""
     if metadata.get(ARTIFACT_FORMAT_KEY) != ARTIFACT_FORMAT:
         raise CheckpointError(
             f"{path}: not a pare artifact (safetensors metadata lacks {ARTIFACT_FORMAT_KEY})"
         )
+    unknown = sorted(set(metadata) - {ARTIFACT_FORMAT_KEY, SPEC_KEY, PROVENANCE_KEY})
+    if unknown or SPEC_KEY not in metadata:
+        problem = f"unknown metadata keys {unknown!r:.80}" if unknown else f"no {SPEC_KEY} entry"
+        raise CheckpointError(f"{path}: malformed artifact ({problem})")
     try:
-        spec = json.loads(metadata[SPEC_KEY])
-        provenance = json.loads(metadata.get(PROVENANCE_KEY, "{}"))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: artifact spec/provenance is not valid JSON ({exc})") from None
-    if not isinstance(spec, dict) or not isinstance(provenance, dict):
-        raise CheckpointError(f"{path}: artifact spec/provenance must be JSON objects")
-    version = spec.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: artifact format version {version!r} is not supported "
-            f"(this pare reads <= {FORMAT_VERSION})"
+        spec = validate_spec(parse_json(metadata[SPEC_KEY], "spec", MAX_HEADER_BYTES))
+        provenance = validate_provenance(
+            parse_json(metadata.get(PROVENANCE_KEY, "{}"), "provenance", MAX_PROVENANCE_BYTES)
         )
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return spec, provenance
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"spec": ..., "provenance": ...}`` of an artifact, read from the header only (no model is built)."""
-    from safetensors import safe_open
+    """``{"spec": ..., "provenance": ...}`` of an artifact, read from the header only (no model is built).
 
+    Raises:
+        CheckpointError: missing or corrupt file, or a header that breaks the schema (:mod:`pare.io._validate`).
+    """
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{file}: no such artifact file")
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-    except Exception as exc:  # SafetensorError, OSError
-        raise CheckpointError(
-            f"{file}: corrupt or not a safetensors file ({' '.join(str(exc).split())})"
-        ) from None
+    _, metadata = read_header(file)
     spec, provenance = _parse_header(metadata, file)
     return {"spec": spec, "provenance": provenance}
 
@@ -306,15 +304,7 @@ def _build_tree(desc: Any, path: str) -> nn.Module:
     if kind != "graph":
         return module
     graph = graph_from_json(desc.get("graph"))
-    class_name = desc.get("class_name", "GraphModule")
-    if not (isinstance(class_name, str) and class_name.isidentifier()):
-        raise CheckpointError(f"artifact spec: graph module '{path or '<root>'}' has a bad class name")
-    try:
-        return fx.GraphModule(module, graph, class_name)
-    except (AttributeError, RuntimeError, TypeError, SyntaxError) as exc:
-        raise CheckpointError(
-            f"artifact graph at '{path or '<root>'}' does not fit its modules ({exc})"
-        ) from None
+    return build_graph_module(module, graph, desc.get("class_name", "GraphModule"), path or "<root>")
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -413,8 +403,10 @@ def load(path: str | os.PathLike[str], *, skeleton: nn.Module | None = None) -> 
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{file}: no such artifact file")
-    tensors, metadata = read_safetensors(file)
+    # Header and spec are checked in full before any tensor is read or any module built.
+    _, metadata = read_header(file)
     spec, _ = _parse_header(metadata, file)
+    tensors, _ = read_safetensors(file)
     kind = spec.get("kind")
     if kind == "tree":
         model = _build_tree(spec.get("tree"), "")
@@ -433,6 +425,9 @@ def load(path: str | os.PathLike[str], *, skeleton: nn.Module | None = None) -> 
     else:
         raise CheckpointError(f"{file}: artifact spec has unknown kind {kind!r}")
     _assign_tensors(model, tensors, set(spec.get("frozen", [])), file)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{file}: the file holds no data for {', '.join(left[:5])}")
     training = set(spec.get("training", []))
     for module_path, module in model.named_modules(remove_duplicate=False):
         module.training = module_path in training
@@ -451,7 +446,10 @@ def _create_zoo_model(zoo: Any, path: Path) -> nn.Module:
     except ImportError as exc:
         raise CheckpointError(f"{path}: needs the pare model zoo ({exc}); pass skeleton= instead") from None
     try:
-        model = models.create(zoo["name"], **zoo["kwargs"])
+        # Built on the meta device: every tensor comes from the file, so a file claiming an enormous zoo model
+        # cannot make pare allocate more than the file holds.
+        with torch.device("meta"):
+            model = models.create(zoo["name"], **zoo["kwargs"])
     except Exception as exc:  # the zoo raises its own errors for unknown names / bad kwargs
         raise CheckpointError(f"{path}: cannot create zoo model {zoo['name']!r}: {exc}") from None
     return model
