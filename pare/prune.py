@@ -25,6 +25,7 @@ from pare.allocate.strategies import (
     sparsity_plan,
     uniform_order,
 )
+from pare.checks import check_finite
 from pare.count import Counts, count
 from pare.errors import BudgetError, ConfigError
 from pare.graph import ChannelGraph, trace
@@ -164,7 +165,8 @@ def prune(
 
     Raises:
         BudgetError: a malformed or unreachable budget. ConfigError: a data-driven criterion, compensation or
-        recalibration without ``data``; unknown options.
+        recalibration without ``data``; unknown options. PruneError: a parameter or buffer of ``model`` holds
+        NaN or infinity (named).
     """
     from pare.compensate import compensate as run_compensation
     from pare.criteria.base import ScoreContext, get_criterion
@@ -191,6 +193,7 @@ def prune(
     if recalibrate and data is None:
         raise ConfigError("BN recalibration needs calibration data (data=...)")
     constraints = Constraints(min_channels, round_to, tuple(protected), internal_only)
+    check_finite(model)  # else verification would report a divergence at some node instead of the cause
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -222,3 +222,80 @@ def test_subprocess_debug_shows_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("pare: error: unknown model 'resnet57'")
+
+
+# ------------------------------------------------------------------------------------ issue #11 bad inputs
+def _nan_artifact(path: Path) -> Path:
+    model = create("small_cnn")
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("nan")
+    return pare.save(model, path, metadata={"input_shape": [1, 8, 8]})
+
+
+def test_input_size_with_wrong_channels(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails(capsys, ["count", "resnet20", "--input-size", "1x32x32"], "input size 1x32x32 does not fit", "channels")
+    out = tmp_path / "o"
+    fails(capsys, ["prune", "--model", "resnet20", "--input-size", "1x32x32", "--reduce-macs", "0.3", "--out",
+                   str(out)], "1x32x32")
+    assert not out.exists()  # no empty --out folder after a failed check
+
+
+def test_unknown_criterion_option(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fails(capsys, [*PRUNE, "--reduce-macs", "0.3", "--criterion", "fpgm", "--criterion-option", "bogus=1",
+                   "--out", str(tmp_path / "o")], "no option bogus", "valid options: distance")
+
+
+def test_criterion_option_errors_at_library_level() -> None:
+    from pare.criteria.base import get_criterion
+    from pare.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="valid options: distance"):
+        get_criterion("fpgm", bogus=1)
+
+
+@pytest.mark.parametrize("version", [-7, 0, 2, "1", True])
+def test_bad_format_version(capsys: pytest.CaptureFixture[str], tmp_path: Path, artifact: Path,
+                            version: object) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(artifact), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    spec = json.loads(metadata["pare.spec"])
+    spec["format_version"] = version
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**metadata, "pare.spec": json.dumps(spec)})
+    fails(capsys, ["count", str(bad)], f"format_version {version!r} is not supported")
+
+
+def test_truncated_cifar_test_batch_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]})
+    (folder / "test_batch").write_bytes(data[: len(data) // 2])
+    fails(capsys, ["eval", "small_cnn", "--data", str(folder)], "test_batch", "truncated")
+
+
+def test_nan_weights_are_named_before_pruning(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    art = _nan_artifact(tmp_path / "nan.safetensors")
+    fails(capsys, ["prune", "--model", str(art), "--reduce-macs", "0.3", "--out", str(tmp_path / "o")],
+          "non-finite weights", "'conv2.weight'")
+    fails(capsys, ["export", str(art), "-o", str(tmp_path / "m.onnx")], "non-finite weights", "'conv2.weight'")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "o").exists()
+
+
+def test_nan_weights_warn_on_eval(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    art = _nan_artifact(tmp_path / "nan.safetensors")
+    assert main(["--quiet", "eval", str(art), "--data", "digits"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pare: warning:") and "'conv2.weight'" in err[0]
+
+
+def test_eval_input_size_must_match_data(capsys: pytest.CaptureFixture[str], artifact: Path) -> None:
+    fails(capsys, ["eval", str(artifact), "--data", "digits", "--input-size", "1x16x16"],
+          "--input-size 1x16x16 does not match the data's images (1x8x8)")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pare.checks import check_given_input_size
 from pare.cli._outdir import make_out_dir
 from pare.errors import CheckpointError, ConfigError, DataError
 
@@ -317,8 +318,11 @@ def pick_input_shape(
     loaded: LoadedModel | None = None,
     dataset: Any = None,
 ) -> tuple[int, int, int]:
-    """--input-size, else the data set's image size, else the artifact's recorded one; ConfigError if none."""
+    """--input-size, else the data set's image size, else the artifact's recorded one; ConfigError if none,
+    or if --input-size disagrees with the data or does not fit the model."""
     if given is not None:
+        check_given_input_size(given, loaded.model if loaded is not None else None,
+                               None if dataset is None else dataset.images.shape[1:])
         return given
     if dataset is not None:
         return tuple(int(v) for v in dataset.images.shape[1:])  # type: ignore[return-value]

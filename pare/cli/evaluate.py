@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from pare.checks import report_eval_inputs
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand
 
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     loaded = common.load_model(args.model, weights=args.weights,
                                num_classes=args.num_classes or len(dataset.classes), options=args.model_option)
     shape = tuple(int(v) for v in dataset.images.shape[1:])
+    report_eval_inputs(loaded.model, args.input_size, shape)  # size mismatch: error; NaN weights: a warning
     norm = common.resolve_normalization(args, shape[0], loaded.provenance.get("normalization"))
     t0 = time.perf_counter()
     metrics = common.evaluate_top1(loaded.model, dataset, norm, args.batch_size, device)

@@ -41,9 +41,10 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         )
     files = {p.name for p in path.iterdir() if p.is_file()}
     dirs = {p.name for p in path.iterdir() if p.is_dir()}
-    if {"data_batch_1", "test_batch"} <= files:
+    # One batch suffices to recognise the layout; reading a split then names its missing or damaged file.
+    if {"data_batch_1", "test_batch"} & files:
         return "cifar10-pickle", path
-    if {"data_batch_1.bin", "test_batch.bin"} <= files:
+    if {"data_batch_1.bin", "test_batch.bin"} & files:
         return "cifar10-binary", path
     if {"train.bin", "test.bin"} <= files:
         return "cifar100-binary", path

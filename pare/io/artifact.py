@@ -28,21 +28,19 @@ skeleton (their tensors still come from the file). No code is ever imported or e
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from pare.errors import CheckpointError, ConfigError
+from pare.errors import CheckpointError
 from pare.io._atomic import atomic_write_bytes
 from pare.io._fxjson import build_graph_module, graph_from_json, graph_to_json
 from pare.io._layers import build_leaf, describe_leaf, is_supported_leaf, qualified_name
+from pare.io._provenance import build_provenance, canonical_safetensors
 from pare.io._schema import MAX_HEADER_BYTES, parse_json, read_header
 from pare.io._validate import FORMAT_VERSIONS, validate_provenance, validate_spec
 from pare.io.checkpoint import ARTIFACT_FORMAT, ARTIFACT_FORMAT_KEY, read_safetensors
@@ -51,9 +49,6 @@ FORMAT_VERSION = max(FORMAT_VERSIONS)
 MAX_PROVENANCE_BYTES = 1 << 18
 SPEC_KEY = "pare.spec"
 PROVENANCE_KEY = "pare.provenance"
-_RESERVED_PROVENANCE = frozenset(
-    {"pare_version", "torch_version", "python_version", "created_utc", "git_commit"}
-)
 
 
 class _Unsupported(Exception):
@@ -154,53 +149,6 @@ def build_spec(model: nn.Module) -> dict[str, Any]:
     return spec
 
 
-# ------------------------------------------------------------------------------------------------- provenance
-def _git_commit() -> str | None:
-    """Commit of the repository pare is imported from, or None (not a checkout, no git, no commits yet)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and len(commit) == 40 else None
-
-
-def build_provenance(metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Provenance record: versions, git commit, UTC timestamp, plus the user's JSON-able ``metadata``."""
-    import pare
-
-    provenance: dict[str, Any] = {
-        "pare_version": pare.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "source_sha256": None,
-    }
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str):
-            raise ConfigError(f"artifact metadata: key {key!r} is not a string")
-        if key in _RESERVED_PROVENANCE:
-            raise ConfigError(
-                f"artifact metadata: key '{key}' is reserved for provenance pare records itself"
-            )
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"artifact metadata: value of '{key}' is not JSON-serialisable ({exc})"
-            ) from None
-        provenance[key] = value
-    return provenance
-
-
 # ------------------------------------------------------------------------------------------------------- save
 def _collect_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
@@ -211,8 +159,17 @@ def _collect_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    reproducible: bool = False,
+) -> Path:
     """Write ``model`` as a pare artifact (one safetensors file) atomically; return the path.
+
+    Two saves of the same model with the same metadata give byte-identical files when the creation time is
+    fixed: set ``SOURCE_DATE_EPOCH`` or pass ``reproducible=True`` (no time recorded).
 
     Args:
         model: any module; zoo models, container/GraphModule trees and other classes are all accepted (the
@@ -220,17 +177,22 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, metadata: dict[str, 
         path: destination file (conventionally ``*.safetensors``); its directory must exist.
         metadata: JSON-able user provenance merged into the provenance record, e.g. ``criterion``, ``budget``,
             ``source_sha256`` (sha256 of the checkpoint the model was pruned from).
+        reproducible: record no creation time unless ``SOURCE_DATE_EPOCH`` gives one.
+
+    Raises:
+        CheckpointError: a module or argument that cannot be stored; ConfigError: bad metadata or
+            ``SOURCE_DATE_EPOCH``.
     """
     from safetensors.torch import save as safetensors_bytes
 
     spec = build_spec(model)
-    provenance = build_provenance(metadata)
+    provenance = build_provenance(metadata, reproducible=reproducible)
     header = {
         ARTIFACT_FORMAT_KEY: ARTIFACT_FORMAT,
         SPEC_KEY: json.dumps(spec, separators=(",", ":")),
         PROVENANCE_KEY: json.dumps(provenance, separators=(",", ":")),
     }
-    data = safetensors_bytes(_collect_tensors(model), metadata=header)
+    data = canonical_safetensors(safetensors_bytes(_collect_tensors(model), metadata=header))
     return atomic_write_bytes(path, data)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pare.checks import first_nonfinite_tensor
 from pare.errors import ConfigError, ExportError, PareError
 from pare.io._atomic import atomic_path, fsync_file
 
@@ -109,11 +110,15 @@ def export_onnx(
         dynamic_batch: make dimension 0 of every input (and so of the output) symbolic.
 
     Raises:
-        ExportError: every exporter tried failed; the message names each failure.
+        ExportError: every exporter tried failed (the message names each failure), or the model has NaN/infinite
+            weights (the first such tensor is named).
         ConfigError: bad ``exporter`` or ``example_inputs``.
     """
     if exporter not in _EXPORTERS:
         raise ConfigError(f"export_onnx: exporter must be one of {', '.join(_EXPORTERS)}, got {exporter!r}")
+    bad = first_nonfinite_tensor(model)
+    if bad is not None:
+        raise ExportError(f"{path}: not exported: the model has non-finite weights (NaN or infinity), first in '{bad}'")
     inputs = _as_tuple(example_inputs)
     chain = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}[
         exporter
