@@ -97,7 +97,8 @@ def base_artifacts(folder: Path) -> dict[str, Path]:
         "skeleton": UserNet().eval(),
     }
     meta = {"input_shape": INPUT_SHAPE, "criterion": "l1"}
-    return {name: pare.save(model, folder / f"{name}.safetensors", metadata=meta) for name, model in models.items()}
+    return {name: pare.save(model, folder / f"{name}.safetensors", metadata=meta, reproducible=True)
+            for name, model in models.items()}
 
 
 def read_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
