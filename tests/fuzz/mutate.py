@@ -11,6 +11,8 @@ generated only runs then. The outcome must be a model or a ``PareError``, never 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -30,6 +32,7 @@ Bases = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]
 
 def make_bases(folder: Path) -> Bases:
     """Tensors and metadata of the three valid base artifacts, written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
     return {name: read_parts(path) for name, path in base_artifacts(folder).items()}
 
 
@@ -115,7 +118,8 @@ def load_and_run(path: Path) -> str:
     except PareError:
         return "refused"
     try:
-        with torch.no_grad():
+        # fx prints the generated code of a failing forward to stderr; the failure itself is expected here.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             model.eval()(torch.randn(1, 1, 8, 8))
     except Exception:  # a mutated but well-formed model may not compute; only what it executes matters here
         pass
