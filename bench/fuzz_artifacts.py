@@ -61,7 +61,7 @@ def run(examples: int, seed: int) -> dict[str, Any]:
                 except Exception:  # an escape is a finding, recorded rather than stopping the run
                     counts["escaped"] += 1
                     if len(escapes) < 20:
-                        escapes.append(traceback.format_exc(limit=3)[-800:])
+                        escapes.append(traceback.format_exc()[-1500:])
                 for name in markers(work):
                     found.append(name)
                     (work / name).unlink()

@@ -52,3 +52,7 @@ class ExportError(PareError):
 
 class TrainingDivergedError(PareError):
     """Training produced a non-finite loss."""
+
+
+class DistributedError(PareError):
+    """A distributed run failed: a collective timed out (a rank stopped, hung or died) or a peer went away."""

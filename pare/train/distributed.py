@@ -18,11 +18,27 @@ Data sharding. A ``torch.utils.data.DataLoader`` over a map-style data set is re
 epoch); its ``batch_size`` is the *global* batch and each rank gets ``batch_size // world_size``. Any other
 loader must expose writable ``rank`` and ``world_size`` attributes (set before every epoch) and shard itself.
 Evaluation loaders are split ``rank::world_size`` without padding and the metric sums are all-reduced, so
-every sample counts exactly once.
+every sample counts exactly once. A custom loader built for one process (``world_size`` 1, e.g.
+:class:`pare.data.InMemoryLoader` as in docs/training.md) is sharded on a copy: ``rank``/``world_size`` come
+from the process group and its ``batch_size`` is divided by the world size, so the global batch stays the one
+it was built with.
+
+Timeouts. When ``fit`` creates the process group it gives every collective a bounded timeout,
+``PARE_DIST_TIMEOUT_S`` seconds (default :data:`DEFAULT_TIMEOUT_S`, 10 minutes). A rank that is stopped,
+hung or dead then makes the others fail after that long with a :class:`~pare.errors.DistributedError`
+instead of waiting forever; checkpoints are written atomically by rank 0, so the last complete one stays
+loadable (this project's design, issue #11).
+
+BatchNorm statistics. Each rank's BatchNorm layers track running statistics of their own shard;
+:func:`sync_batchnorm_stats` pools them over ranks (mean of the means; variance = mean of the second moments
+minus the squared pooled mean) before every evaluation and checkpoint, so every rank evaluates, saves and
+ends with the same statistics.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,7 +48,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from pare.errors import ConfigError
+from pare.errors import ConfigError, DistributedError
+
+DEFAULT_TIMEOUT_S = 600
+TIMEOUT_ENV = "PARE_DIST_TIMEOUT_S"
 
 
 @dataclass
@@ -92,11 +111,31 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def collective_timeout_s() -> float:
+    """Seconds a collective may wait: ``PARE_DIST_TIMEOUT_S`` or :data:`DEFAULT_TIMEOUT_S`.
+
+    Raises:
+        ConfigError: the variable is not a positive number.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if raw == "":
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return value
+
+
 def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
     """Join the process group described by the torchrun environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT``), or describe a single process when ``WORLD_SIZE`` is unset or 1.
 
-    An already initialised default group is reused (and not destroyed by :meth:`DistContext.close`).
+    An already initialised default group is reused (and not destroyed by :meth:`DistContext.close`; its
+    timeout is the one it was created with). A group created here has the timeout of
+    :func:`collective_timeout_s`.
     """
     try:
         base_device = torch.device(device)
@@ -115,7 +154,8 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
             if not dist.is_available():
                 raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
             backend = "nccl" if base_device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, init_method="env://")
+            timeout = datetime.timedelta(seconds=collective_timeout_s())
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
             created = True
     local_rank = _env_int("LOCAL_RANK", rank)
     if base_device.type == "cuda" and world_size > 1:
@@ -202,7 +242,25 @@ def prepare_train_loader(loader: Iterable[Any], ctx: DistContext, seed: int) -> 
             f"train loader {type(loader).__name__} cannot be sharded: give it rank/world_size attributes "
             "or use a torch DataLoader"
         )
-    return loader
+    return _shard_custom(loader, ctx, divide_batch=True)
+
+
+def _shard_custom(loader: Any, ctx: DistContext, *, divide_batch: bool) -> Any:
+    """A self-sharding loader for this rank: unchanged when it already names this rank and world size, else
+    a shallow copy with ``rank``/``world_size`` of the process group; a loader built for one process also
+    gets ``batch_size // world_size`` when ``divide_batch`` (the global batch is kept)."""
+    if not ctx.is_distributed or (loader.rank, loader.world_size) == (ctx.rank, ctx.world_size):
+        return loader
+    sharded = copy.copy(loader)
+    batch_size = getattr(loader, "batch_size", None)
+    if divide_batch and loader.world_size == 1 and isinstance(batch_size, int):
+        if batch_size % ctx.world_size:
+            raise ConfigError(
+                f"loader batch size {batch_size} is not divisible by the world size {ctx.world_size}"
+            )
+        sharded.batch_size = batch_size // ctx.world_size
+    sharded.rank, sharded.world_size = ctx.rank, ctx.world_size
+    return sharded
 
 
 class ShardSampler(Sampler[int]):
@@ -232,9 +290,7 @@ def prepare_eval_loader(loader: Iterable[Any], ctx: DistContext) -> tuple[Iterab
             loader, ShardSampler(size, ctx.rank, ctx.world_size), int(loader.batch_size)
         ), True
     if not isinstance(loader, DataLoader) and hasattr(loader, "rank") and hasattr(loader, "world_size"):
-        loader.rank = ctx.rank  # type: ignore[attr-defined]
-        loader.world_size = ctx.world_size  # type: ignore[attr-defined]
-        return loader, True
+        return _shard_custom(loader, ctx, divide_batch=False), True
     return loader, False
 
 
@@ -250,3 +306,51 @@ def begin_epoch(loader: Iterable[Any], epoch: int, ctx: DistContext) -> None:
         for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
             if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+
+
+def sync_batchnorm_stats(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Pool the BatchNorm running statistics of all ranks into every rank (in place; no-op in one process).
+
+    For each BatchNorm layer with running statistics: ``running_mean`` = mean over ranks of the running
+    means; ``running_var`` = mean over ranks of (running_var + running_mean**2) minus the pooled mean squared,
+    the variance of the union of equally sized shards. Every rank must call it at the same point.
+    """
+    if not ctx.is_distributed:
+        return
+    layers = [
+        m for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None
+    ]  # fmt: skip
+    if not layers:
+        return
+    reduce_device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.cat(
+        [torch.cat([m.running_mean.double(), m.running_var.double() + m.running_mean.double() ** 2])
+         for m in layers]
+    ).to(reduce_device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = (flat / ctx.world_size).cpu()
+    offset = 0
+    with torch.no_grad():
+        for m in layers:
+            n = m.running_mean.numel()
+            mean, second = flat[offset : offset + n], flat[offset + n : offset + 2 * n]
+            offset += 2 * n
+            m.running_mean.copy_(mean.to(m.running_mean.dtype))
+            m.running_var.copy_((second - mean**2).clamp_min(0).to(m.running_var.dtype))
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe", "nccl")
+
+
+def distributed_error(exc: RuntimeError, ctx: DistContext, checkpoint: os.PathLike[str] | str | None) -> Exception:
+    """For a collective's timeout or a vanished peer (under DDP): one :class:`~pare.errors.DistributedError`
+    naming this rank, the timeout and the checkpoint that stays loadable; any other error is returned as is."""
+    text = " ".join(str(exc).split())
+    if not ctx.is_distributed or not any(key in text.lower() for key in _PEER_FAILURES):
+        return exc
+    kept = f"; the last complete checkpoint (if any) is {checkpoint}" if checkpoint else ""
+    return DistributedError(
+        f"rank {ctx.rank}/{ctx.world_size}: a collective operation failed ({text[:200]}): another rank "
+        f"stopped, hung or died (collectives wait at most {TIMEOUT_ENV}={collective_timeout_s():g} s){kept}"
+    )

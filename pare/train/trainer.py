@@ -50,9 +50,11 @@ from pare.train.checkpoint import (
 from pare.train.distributed import (
     DistContext,
     begin_epoch,
+    distributed_error,
     prepare_eval_loader,
     prepare_train_loader,
     setup_distributed,
+    sync_batchnorm_stats,
 )
 from pare.train.recipe import Recipe, lr_at
 
@@ -325,6 +327,8 @@ def fit(
             checkpoint_every_steps=checkpoint_every_steps,
             sync_bn=sync_bn,
         )
+    except RuntimeError as exc:  # a collective timed out or a peer vanished: one clear DistributedError
+        raise distributed_error(exc, ctx, Path(out_dir) / CHECKPOINT_NAME if out_dir else None) from None
     finally:
         ctx.close()
 
@@ -447,6 +451,7 @@ def _fit(
 
     def save_checkpoint(epoch: int, step: int) -> None:
         """``epoch``/``step`` name the next step to run."""
+        sync_batchnorm_stats(model, ctx)
         rng_all = ctx.all_gather_object(capture_rng_state())
         if ckpt_path is None or not ctx.is_main:
             return
@@ -560,6 +565,7 @@ def _fit(
         train_loss_sum, train_correct, train_count = ctx.all_reduce_sum(
             [sums["loss"], sums["correct"], sums["count"]]
         )
+        sync_batchnorm_stats(model, ctx)  # every rank evaluates and saves the same running statistics
         with RngFork():
             val = _evaluate(model, val_loader, dev, recipe, val_sharded)
         if val["acc"] > best_val_acc:
