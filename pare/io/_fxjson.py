@@ -286,8 +286,9 @@ def check_generated_code(graph: fx.Graph) -> None:
     try:
         code = graph.python_code(root_module="self")
         tree = ast.parse(code.src)
-    except (SyntaxError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"artifact graph: cannot generate code ({' '.join(str(exc).split())[:200]})") from None
+    except Exception as exc:  # fx fails in many ways on odd graphs (e.g. a binary operator given one argument)
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise CheckpointError(f"artifact graph: cannot generate code ({reason})") from None
     nodes = {node.name for node in graph.nodes}
     allowed = nodes | set(code.globals) | _CODE_BUILTINS
     functions = tree.body
@@ -312,5 +313,6 @@ def build_graph_module(root: nn.Module, graph: fx.Graph, class_name: str, where:
     check_generated_code(graph)
     try:
         return fx.GraphModule(root, graph, class_name)
-    except (AttributeError, RuntimeError, TypeError, SyntaxError) as exc:
-        raise CheckpointError(f"artifact graph at '{where}' does not fit its modules ({exc})") from None
+    except Exception as exc:  # a graph that passed every check can still refer to modules the tree lacks
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise CheckpointError(f"artifact graph at '{where}' does not fit its modules ({reason})") from None

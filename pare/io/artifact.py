@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from pare.errors import CheckpointError
+from pare.errors import CheckpointError, PareError
 from pare.io._atomic import atomic_write_bytes
 from pare.io._fxjson import build_graph_module, graph_from_json, graph_to_json
 from pare.io._layers import build_leaf, describe_leaf, is_supported_leaf, qualified_name
@@ -369,30 +369,41 @@ def load(path: str | os.PathLike[str], *, skeleton: nn.Module | None = None) -> 
     _, metadata = read_header(file)
     spec, _ = _parse_header(metadata, file)
     tensors, _ = read_safetensors(file)
-    kind = spec.get("kind")
+    try:
+        model = _rebuild(spec, tensors, skeleton, file)
+    except PareError:
+        raise
+    except Exception as exc:  # a file that passed the schema can still make a constructor or fx fail
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise CheckpointError(f"{file}: cannot rebuild the model ({reason})") from None
+    training = set(spec["training"])
+    for module_path, module in model.named_modules(remove_duplicate=False):
+        module.training = module_path in training
+    return model
+
+
+def _rebuild(
+    spec: dict[str, Any], tensors: dict[str, torch.Tensor], skeleton: nn.Module | None, file: Path
+) -> nn.Module:
+    """The model of a validated spec, holding the file's tensors."""
+    kind = spec["kind"]
     if kind == "tree":
-        model = _build_tree(spec.get("tree"), "")
-    elif kind in ("zoo", "skeleton"):
+        model = _build_tree(spec["tree"], "")
+    else:
         if skeleton is not None:
             base, source = skeleton, "skeleton"
         elif kind == "zoo":
-            base, source = _create_zoo_model(spec.get("zoo"), file), "zoo model"
+            base, source = _create_zoo_model(spec["zoo"], file), "zoo model"
         else:
             raise CheckpointError(
-                f"{file}: saved from {spec.get('root_type')}, which pare cannot rebuild on its own "
-                f"({spec.get('unsupported', 'not a container tree')}); "
-                "pass skeleton= an instance of that class"
+                f"{file}: saved from {spec['root_type']}, which pare cannot rebuild on its own "
+                f"({spec['unsupported']}); pass skeleton= an instance of that class"
             )
         model = _replace_leaves(base, spec, source)
-    else:
-        raise CheckpointError(f"{file}: artifact spec has unknown kind {kind!r}")
-    _assign_tensors(model, tensors, set(spec.get("frozen", [])), file)
+    _assign_tensors(model, tensors, set(spec["frozen"]), file)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{file}: the file holds no data for {', '.join(left[:5])}")
-    training = set(spec.get("training", []))
-    for module_path, module in model.named_modules(remove_duplicate=False):
-        module.training = module_path in training
     return model
 
 
