@@ -280,6 +280,23 @@ def target_ddp(d: Json) -> Target:
     return Target(DDP_TARGET, overhead <= 0.10, f"{100 * overhead:.0f}%")
 
 
+FUZZ_TARGET = "0 markers and 0 non-PareError exceptions over at least 10,000 mutated artifacts (issue 11)"
+
+
+def render_fuzz(d: Json) -> list[str]:
+    counts = d["counts"]
+    return table(["mutated artifacts", "loaded", "refused (PareError)", "escaped (other exception)",
+                  "marker files written", "seconds"],
+                 [[f"{d['examples']:,}", f"{counts['loaded']:,}", f"{counts['refused']:,}", counts["escaped"],
+                   d["markers_found"], d["seconds"]]])
+
+
+def target_fuzz(d: Json) -> Target:
+    met = d["examples"] >= 10_000 and d["markers_found"] == 0 and d["counts"]["escaped"] == 0
+    return Target(FUZZ_TARGET, met, f"{d['markers_found']} markers, {d['counts']['escaped']} escapes "
+                                    f"in {d['examples']:,}")
+
+
 # -- one-shot accuracy --------------------------------------------------------------------------------------------
 
 REPAIRS = ("none", "bn-recal", "compensate+bn-recal")
@@ -549,6 +566,15 @@ SECTIONS: tuple[Section, ...] = (
         prose="The ideal 2-process per-sample time is half the 1-process one (two cores working). On a machine "
               "with two cores any other job competes with the two ranks, so the load average before and after "
               "the run is recorded; quote the figure as DDP's own overhead only from a run on an idle machine.",
+    ),
+    Section(
+        "fuzz_artifacts", "Hostile artifacts: mutation fuzzing", "python bench/fuzz_artifacts.py --examples 10000 "
+        "--seed 0", FUZZ_TARGET, render_fuzz, target_fuzz,
+        prose="Each example edits one to three places of a tiny valid artifact's spec or provenance with hostile "
+              "payloads (line breaks, carriage returns, quotes, comment starts, look-alikes, the load-time "
+              "keyword-argument exploit), arbitrary text, extreme numbers or nested containers, loads it with "
+              "`pare.load` and runs the model if it loads. What is guaranteed and how else it is tested: "
+              "[security.md](security.md).",
     ),
     Section(
         "oneshot", "One-shot accuracy (issue 4)", "python bench/oneshot.py", ONESHOT_TARGET, render_oneshot,

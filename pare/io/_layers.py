@@ -181,7 +181,7 @@ def describe_leaf(module: nn.Module, path: str) -> dict[str, Any]:
 
 
 def build_leaf(desc: Any, path: str) -> nn.Module:
-    """Instantiate an allowlisted leaf from its description (call under ``torch.device("meta")``)."""
+    """Instantiate an allowlisted leaf from its description (call under :func:`pare.io._meta.meta_init`)."""
     if (
         not isinstance(desc, dict)
         or not isinstance(desc.get("type"), str)

@@ -40,6 +40,7 @@ from pare.errors import CheckpointError, PareError
 from pare.io._atomic import atomic_write_bytes
 from pare.io._fxjson import build_graph_module, graph_from_json, graph_to_json
 from pare.io._layers import build_leaf, describe_leaf, is_supported_leaf, qualified_name
+from pare.io._meta import meta_init
 from pare.io._provenance import build_provenance, canonical_safetensors
 from pare.io._schema import MAX_HEADER_BYTES, parse_json, read_header
 from pare.io._validate import FORMAT_VERSIONS, validate_provenance, validate_spec
@@ -242,7 +243,7 @@ def _build_tree(desc: Any, path: str) -> nn.Module:
         raise CheckpointError(f"artifact spec: module '{path or '<root>'}' is malformed")
     kind = desc.get("kind")
     if kind == "leaf":
-        with torch.device("meta"):
+        with meta_init():
             return build_leaf(desc, path)
     containers: dict[str, type[nn.Module]] = {
         "sequential": nn.Sequential,
@@ -306,7 +307,7 @@ def _replace_leaves(skeleton: nn.Module, spec: dict[str, Any], source: str) -> n
                     "(not allowlisted, so it is taken from the skeleton)"
                 )
             continue
-        with torch.device("meta"):
+        with meta_init():
             replacement = build_leaf(leaf, path)
         _set_submodule(skeleton, path, replacement)
     return skeleton
@@ -421,7 +422,7 @@ def _create_zoo_model(zoo: Any, path: Path) -> nn.Module:
     try:
         # Built on the meta device: every tensor comes from the file, so a file claiming an enormous zoo model
         # cannot make pare allocate more than the file holds.
-        with torch.device("meta"):
+        with meta_init():
             model = models.create(zoo["name"], **zoo["kwargs"])
     except Exception as exc:  # the zoo raises its own errors for unknown names / bad kwargs
         raise CheckpointError(f"{path}: cannot create zoo model {zoo['name']!r}: {exc}") from None
