@@ -294,6 +294,8 @@ def load_model(
         try:
             meta = pare.read_metadata(path)
         except CheckpointError as exc:
+            if str(exc).startswith(f"{path}: artifact "):  # a pare artifact that breaks the schema: no hint
+                raise
             raise CheckpointError(
                 f"{exc}; to load a checkpoint, give the zoo model name and --weights {path}"
             ) from None

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pare.errors import CheckpointError
+from pare.io._schema import read_header
 
 # Keys under which training scripts commonly nest the state dict, in the order they are tried.
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -163,6 +164,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"{file}: no such checkpoint file")
     info: dict[str, Any] = {"path": str(file), "sha256": sha256_file(file)}
     if is_safetensors_file(file):
+        read_header(file)  # dtypes, shapes and byte ranges checked before any tensor is read
         tensors, metadata = read_safetensors(file)
         info["serialization"] = "safetensors"
         info["format"] = (
