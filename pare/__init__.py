@@ -10,6 +10,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pare.allocate.budget import Budget
+from pare.config import (
+    DataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    ModelConfig,
+    PipelineConfig,
+    PruneConfig,
+    RepairConfig,
+)
 from pare.count import Counts, count
 from pare.errors import (
     BudgetError,
@@ -28,6 +37,7 @@ from pare.graph import ChannelGraph, Group, Member, trace
 from pare.io import export_onnx, load, load_checkpoint, read_metadata, save
 from pare.latency import Latency, measure_latency
 from pare.prune import PruneResult, prune
+from pare.prune_latency import prune_to_latency
 
 __all__ = [
     "Budget",
@@ -36,15 +46,22 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Counts",
+    "DataConfig",
     "DataError",
     "EquivalenceError",
+    "EvalConfig",
     "ExportError",
+    "FinetuneConfig",
     "Group",
     "Latency",
     "Member",
+    "ModelConfig",
     "PareError",
+    "PipelineConfig",
+    "PruneConfig",
     "PruneError",
     "PruneResult",
+    "RepairConfig",
     "TraceError",
     "TrainingDivergedError",
     "__version__",
@@ -55,6 +72,7 @@ __all__ = [
     "load_checkpoint",
     "measure_latency",
     "prune",
+    "prune_to_latency",
     "read_metadata",
     "recalibrate_bn",
     "save",

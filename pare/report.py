@@ -132,8 +132,8 @@ def human(n: float | int | None) -> str:
 
 
 def pct(x: float | None, digits: int = 2) -> str:
-    """Percent figure (already in percent) or '-'."""
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}%"
+    """A fraction printed as percent (0.9163 -> '91.63%'), or '-'."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -174,8 +174,8 @@ def plot_accuracy_vs_macs(points: Sequence[Mapping[str, Any]], path: str | Path,
     """Top-1 accuracy (%) against MACs per image, one point per entry (left), and the same accuracies as bars
     (right), since pruned models at one budget share nearly the same MACs and their points overlap.
 
-    ``points``: dicts with ``name``, ``macs`` and ``top1`` (percent); optional ``top1_before_finetune`` adds a
-    hollow marker (left) and a lighter bar (right).
+    ``points``: dicts with ``name``, ``macs`` and ``top1`` (fraction, plotted in percent); optional
+    ``top1_before_finetune`` adds a hollow marker (left) and a lighter bar (right).
     """
     markers = "os^vD<>pPX*h"
     figure = _figure(11.0, 4.6)
@@ -184,13 +184,14 @@ def plot_accuracy_vs_macs(points: Sequence[Mapping[str, Any]], path: str | Path,
         macs = float(point["macs"]) / 1e6
         color = f"C{index % 10}"
         marker = markers[index % len(markers)]
-        scatter.scatter([macs], [point["top1"]], s=40, color=color, marker=marker, label=str(point["name"]),
+        scatter.scatter([macs], [100 * point["top1"]], s=40, color=color, marker=marker, label=str(point["name"]),
                         zorder=3)
         before = point.get("top1_before_finetune")
         if before is not None:
+            before = 100 * before
             scatter.scatter([macs], [before], s=34, facecolors="none", edgecolors=color, marker=marker, zorder=2)
             bars.bar(index - 0.2, before, width=0.4, color=color, alpha=0.35)
-        bars.bar(index + (0.2 if before is not None else 0.0), point["top1"], width=0.4, color=color)
+        bars.bar(index + (0.2 if before is not None else 0.0), 100 * point["top1"], width=0.4, color=color)
     scatter.set_xlabel("MACs per image (millions)")
     scatter.set_ylabel("top-1 test accuracy (%)")
     scatter.set_title(title or "Accuracy vs MACs")

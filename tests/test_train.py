@@ -218,7 +218,7 @@ def test_fit_learns_logs_and_selects_on_val_only(tmp_path: Path) -> None:
     assert result.final_val_acc == val_accs[-1] > 0.8  # the rule is learnable
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # Reported test accuracy is the final-epoch model's, computed once at the end.
-    assert result.test_acc == pytest.approx(evaluate(model, test)["top1"] / 100)
+    assert result.test_acc == pytest.approx(evaluate(model, test)["top1"])
     assert result.test_acc_best_val is None
     assert (tmp_path / "checkpoint.pt").is_file()
 
@@ -239,8 +239,8 @@ def test_keep_best_restores_best_val_weights() -> None:
     if result.best_val_epoch < len(snapshots):
         best = snapshots[result.best_val_epoch]
         assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
-    assert evaluate(model, val)["top1"] / 100 == pytest.approx(result.best_val_acc)
-    assert result.test_acc_best_val == pytest.approx(evaluate(model, test)["top1"] / 100)
+    assert evaluate(model, val)["top1"] == pytest.approx(result.best_val_acc)
+    assert result.test_acc_best_val == pytest.approx(evaluate(model, test)["top1"])
 
 
 def test_hooks_are_called_with_current_lr_and_can_regularise() -> None:

@@ -141,7 +141,7 @@ def _evaluate(
         amp=recipe.amp,
         all_reduce=sharded,
     )
-    return {"loss": float(out["loss"]), "acc": float(out["top1"]) / 100.0}
+    return {"loss": float(out["loss"]), "acc": float(out["top1"])}
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
