@@ -126,7 +126,7 @@ def test_checkpoint_given_as_artifact(capsys: pytest.CaptureFixture[str], tmp_pa
 
 def test_artifact_with_weights(capsys: pytest.CaptureFixture[str], artifact: Path) -> None:
     fails(capsys, ["export", str(artifact), "--weights", str(artifact), "-o", "x.onnx"],
-          "--weights cannot be combined")
+          "(--weights) cannot be combined")
 
 
 def test_missing_data_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

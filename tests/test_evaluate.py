@@ -54,7 +54,7 @@ def test_evaluate_hand_checked() -> None:
 
     assert result["n"] == 5
     assert result["top1"] == pytest.approx(0.40)  # samples 0 and 2
-    assert result["top2"] == pytest.approx(60.0)  # + sample 4
+    assert result["top2"] == pytest.approx(0.60)  # + sample 4
     assert result["top5"] == pytest.approx(0.80)  # + sample 1; sample 3 is ranked last
     expected_loss = (
         sum(

@@ -81,7 +81,8 @@ def normalization_stats(name: str | Normalization, channels: int) -> tuple[torch
     mean, std = norm.mean, norm.std
     if len(mean) != channels:
         raise ConfigError(
-            f"normalization {norm.name!r} is for {len(mean)}-channel images, the data have {channels}"
+            f"normalization {norm.name!r} has {len(mean)} values (one per channel) but the images have {channels} "
+            "channels"
         )
     return (
         torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),

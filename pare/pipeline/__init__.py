@@ -120,10 +120,9 @@ def prepare(config: PipelineConfig, *, progress: bool = False, device: str = "cp
     loaded = load_model(config.model) if is_artifact(config.model.name) else None
     recorded = loaded.provenance.get("normalization") if loaded is not None else None
     norm = resolve_normalization(config.data, config.model, recorded)  # type: ignore[arg-type]
-    needs_train = (config.finetune is not None or config.model.train is not None or config.repair.active
-                   or get_criterion(config.criterion, **dict(config.criterion_options)).needs_data)
-    splits = tuple(config.eval.splits)
-    data = load_data(config.data, norm, need_train=needs_train, splits=splits)
+    calibrate = config.repair.active or get_criterion(config.criterion, **dict(config.criterion_options)).needs_data
+    train = config.finetune is not None or config.model.train is not None
+    data = load_data(config.data, norm, need_train=train, calibrate=calibrate, splits=tuple(config.eval.splits))
     if loaded is None:
         loaded = load_model(config.model, data.classes)
     if config.model.train is not None:

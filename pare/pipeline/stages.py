@@ -83,12 +83,12 @@ class Splits:
         return found
 
 
-def load_data(config: DataConfig, normalization: Normalization, *, need_train: bool,
+def load_data(config: DataConfig, normalization: Normalization, *, need_train: bool, calibrate: bool,
               splits: tuple[str, ...] = ("test",)) -> Splits:
     """Read the data set ``config.path`` (training split only when ``need_train``), hold out ``val``, draw the
-    calibration sample and read the named evaluation ``splits``."""
+    calibration sample (when ``calibrate``) and read the named evaluation ``splits``."""
     if config.path is None:
-        if need_train or splits:
+        if need_train or calibrate or splits:
             raise ConfigError("data.path is required (calibration, fine-tuning or evaluation needs images)")
         return Splits(None, None, {}, None, normalization)
     tests: dict[str, ImageDataset] = {}
@@ -99,12 +99,13 @@ def load_data(config: DataConfig, normalization: Normalization, *, need_train: b
             tests[name] = read_split(config.test_sets[name], "test")
     train = val = None
     calib = None
-    if need_train or "val" in splits:
+    if need_train or calibrate or "val" in splits:
         full = read_split(config.path, "train")
         train, val = full, None
         if config.val_fraction > 0:
             train_idx, val_idx = train_val_split(len(full), val_fraction=config.val_fraction, seed=config.seed)
             train, val = full.subset(train_idx), full.subset(val_idx)
+    if calibrate and train is not None:
         if config.calib_images > len(train):
             raise DataError(f"data.calib_images {config.calib_images} is more than the {len(train)} training "
                             "images available")
@@ -145,11 +146,16 @@ class LoadedModel:
     recorded metadata, e.g. its normalization and input shape)."""
 
     model: nn.Module
+    label: str
     source: str
     path: str | None = None
     sha256: str | None = None
     provenance: JSONDict = field(default_factory=dict)
     train_record: JSONDict | None = None
+
+    def to_dict(self) -> JSONDict:
+        return {"name": self.label, "source": self.source, "path": self.path, "sha256": self.sha256,
+                "zoo": getattr(self.model, "pare_zoo", None)}
 
     @property
     def recorded_input_shape(self) -> tuple[int, int, int] | None:
@@ -166,16 +172,18 @@ def load_model(config: ModelConfig, num_classes: int | None = None) -> LoadedMod
         if not path.is_file():
             raise CheckpointError(f"{path}: no such model file (give a pare artifact or a zoo model name)")
         if config.weights is not None:
-            raise ConfigError("model.weights cannot be combined with an artifact, which holds its own weights")
+            raise ConfigError("model.weights (--weights) cannot be combined with an artifact, which holds its own "
+                              "weights")
         try:
             meta = read_metadata(path)
         except CheckpointError as exc:
-            raise CheckpointError(f"{exc}; to load a checkpoint, give the zoo model name and weights {path}") from None
-        return LoadedModel(load(path), "artifact", str(path), sha256_file(path), meta["provenance"])
+            raise CheckpointError(f"{exc}; to load a checkpoint, give the zoo model name with its weights "
+                                  f"(model.weights; on the command line --weights {path})") from None
+        return LoadedModel(load(path), config.name, "artifact", str(path), sha256_file(path), meta["provenance"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
         model = create(config.name, num_classes=config.num_classes or num_classes, **dict(config.options))
-    loaded = LoadedModel(model, "zoo")
+    loaded = LoadedModel(model, config.name, "zoo")
     if config.weights is not None:
         weights = expand(config.weights)
         if not Path(weights).is_file():
