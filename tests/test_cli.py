@@ -38,6 +38,14 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_run_replays_a_prune_record(pruned: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    replay = run_json(capsys, ["run", "--config", str(pruned / "metrics.json"), "--threads", "1"])
+    assert replay["config"] == metrics["config"]
+    for stage in ("dense", "pruned", "finetuned"):
+        assert replay["accuracy"][stage]["test"]["top1"] == metrics["accuracy"][stage]["top1"]
+
+
 def test_prune_writes_artifact_report_and_metrics(pruned: Path) -> None:
     metrics = json.loads((pruned / "metrics.json").read_text())
     assert metrics["criterion"] == "taylor"
@@ -177,6 +185,16 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert on_disk["rows"] == result["rows"]
     assert "| **dense** |" in (out / "report.md").read_text()
     assert (out / "models" / "chip.safetensors").is_file()
+    # Every row records its pipeline configuration; `pare run --config` replays it to the same figures (the
+    # demo runs on one thread, so the replay does too).
+    for name in ("taylor", "similarity"):
+        replay = run_json(capsys, ["run", "--config", str(out / "metrics.json"), "--row", name, "--threads", "1"])
+        row = next(r for r in result["rows"] if r["name"] == name)
+        assert replay["accuracy"]["pruned"]["test"]["top1"] == row["top1_before_finetune"]
+        assert replay["accuracy"]["finetuned"]["test"]["top1"] == row["top1"]
+        assert replay["reduction"]["macs_reduction"] == row["macs_reduction"]
+    assert main([*QUIET, "run", "--config", str(out / "metrics.json")]) == 2
+    assert "pick one with --row" in capsys.readouterr().err
 
 
 def test_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

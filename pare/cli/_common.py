@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from pare.data import Normalization
 from pare.errors import CheckpointError, ConfigError, DataError
@@ -394,6 +393,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"--config {file}: not valid JSON ({exc})") from None
     else:
+        try:
+            import yaml  # PyYAML: the optional extra pare[yaml] (in pare[all])
+        except ImportError:
+            raise ConfigError(f"--config {file}: reading YAML needs PyYAML (pip install 'pare[yaml]'); or give "
+                              "the options as JSON") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

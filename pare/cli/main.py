@@ -18,11 +18,11 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
-from pare.cli import bench, count, criteria, demo, evaluate, export, prune, train
+from pare.cli import bench, count, criteria, demo, evaluate, export, prune, run, train
 from pare.cli._common import Console, HelpFormatter, Parser, UsageError, apply_config, global_flags, read_config
 from pare.errors import PareError
 
-COMMANDS = (demo, prune, train, evaluate, count, export, bench, criteria)
+COMMANDS = (demo, prune, run, train, evaluate, count, export, bench, criteria)
 
 EPILOG = """\
 examples:
@@ -30,6 +30,7 @@ examples:
   pare criteria                               # the pruning criteria and training methods
   pare prune --model resnet56 --weights resnet56.th --data cifar-10-batches-py \\
       --normalization imagenet --criterion chip --reduce-macs 0.5 --out runs/r56-chip
+  pare run --config runs/r56-chip/metrics.json # replay a recorded configuration (any benchmark row too)
   pare eval runs/r56-chip/model.safetensors --data cifar-10-batches-py
   pare count runs/r56-chip/model.safetensors
   pare bench runs/r56-chip/model.safetensors resnet56 --input-size 3x32x32 --batch-sizes 1,16

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
         "normalization": data.normalization.to_dict(),
         "dense_model": getattr(result.dense, "pare_zoo", None) or loaded.provenance.get("dense_model"),
         "source": loaded.path, "source_sha256": loaded.sha256, "counts_before": record["counts_before"],
-        "counts_after": record["counts_after"], "seed": args.seed,
+        "counts_after": record["counts_after"], "seed": args.seed, "config": config.to_dict(),
     }
     artifact = save(result.model, out / ARTIFACT_NAME, metadata=metadata)
     seconds["save"] = time.perf_counter() - t0
