@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import pare
-from pare.cli._common import Console, format_table, prepare_out_dir, read_config
+from pare.cli._common import Console, format_table, prepare_out_dir
+from pare.cli.config_file import read_config
 from pare.cli.main import build_parser, main
 from pare.errors import ConfigError
 from tests.conftest import shared_path
@@ -220,7 +221,7 @@ def test_global_flags_before_or_after_the_subcommand(capsys: pytest.CaptureFixtu
         assert main(argv) == 0
         assert "criteria" in json.loads(capsys.readouterr().out)
     _, commands = build_parser()
-    assert set(commands) == {"demo", "prune", "train", "eval", "count", "export", "bench", "criteria"}
+    assert set(commands) == {"demo", "prune", "run", "train", "eval", "count", "export", "bench", "criteria"}
 
 
 def test_progress_is_off_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pare.cli import bench, count, criteria, demo, evaluate, export, prune, run, train
-from pare.cli._common import Console, HelpFormatter, Parser, UsageError, apply_config, global_flags, read_config
+from pare.cli._common import Console, HelpFormatter, Parser, UsageError, global_flags
+from pare.cli.config_file import apply_config, read_config
 from pare.errors import PareError
 
 COMMANDS = (demo, prune, run, train, evaluate, count, export, bench, criteria)
@@ -47,7 +48,7 @@ _INPUT_ERRORS = (PareError, OSError, ValueError, KeyError, EOFError, pickle.Unpi
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the subcommand parsers by name."""
-    import pare
+    from pare.version import __version__
 
     parser = Parser(
         prog="pare",
@@ -56,7 +57,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         formatter_class=HelpFormatter,
         parents=[global_flags()],
     )
-    parser.add_argument("--version", action="version", version=f"pare {pare.__version__}")
+    parser.add_argument("--version", action="version", version=f"pare {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     subparsers.required = True
     commands = {module.NAME: module.add_parser(subparsers) for module in COMMANDS}

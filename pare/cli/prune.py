@@ -12,6 +12,7 @@ from torch import nn
 from pare.allocate.budget import Budget
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, fraction, nonneg_int, positive_int
+from pare.cli.config_file import BUDGET_DESTS
 from pare.config import PipelineConfig
 from pare.errors import BudgetError, ConfigError
 from pare.pipeline import PipelineResult
@@ -90,8 +91,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def budget_from_args(args: argparse.Namespace) -> tuple[str, float | str]:
     """(budget flag dest, value) of the one budget given; BudgetError for none or several."""
-    given = [dest for dest in common.BUDGET_DESTS if getattr(args, dest, None) is not None]
-    flags = ", ".join("--" + d.replace("_", "-") for d in common.BUDGET_DESTS)
+    given = [dest for dest in BUDGET_DESTS if getattr(args, dest, None) is not None]
+    flags = ", ".join("--" + d.replace("_", "-") for d in BUDGET_DESTS)
     if not given:
         raise BudgetError(f"no budget: give exactly one of {flags}")
     if len(given) > 1:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, positive_int
+from pare.cli.config_file import read_config
 from pare.config import PipelineConfig
 from pare.errors import ConfigError
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     from pare.pipeline import run as run_pipeline
     from pare.pipeline.stages import threads
 
-    config = select_config(common.read_config(args.record), args.row, args.record)
+    config = select_config(read_config(args.record), args.row, args.record)
     device = str(common.resolve_device(args.device))
     out = common.prepare_out_dir(args.out, overwrite=args.overwrite) if args.out else None
     console.info(f"running {config.criterion} to {config.target.describe()} ({config.model.name})")

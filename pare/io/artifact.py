@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pare import models
 from pare.errors import CheckpointError, ConfigError
 from pare.io._atomic import atomic_write_bytes
 from pare.io._fxjson import graph_from_json, graph_to_json
@@ -171,10 +172,10 @@ def _git_commit() -> str | None:
 
 def build_provenance(metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Provenance record: versions, git commit, UTC timestamp, plus the user's JSON-able ``metadata``."""
-    import pare
+    from pare.version import __version__
 
     provenance: dict[str, Any] = {
-        "pare_version": pare.__version__,
+        "pare_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -185,9 +186,7 @@ def build_provenance(metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         if not isinstance(key, str):
             raise ConfigError(f"artifact metadata: key {key!r} is not a string")
         if key in _RESERVED_PROVENANCE:
-            raise ConfigError(
-                f"artifact metadata: key '{key}' is reserved for provenance pare records itself"
-            )
+            raise ConfigError(f"artifact metadata: key '{key}' is reserved for provenance pare records itself")
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -440,16 +439,8 @@ def load(path: str | os.PathLike[str], *, skeleton: nn.Module | None = None) -> 
 
 
 def _create_zoo_model(zoo: Any, path: Path) -> nn.Module:
-    if (
-        not isinstance(zoo, dict)
-        or not isinstance(zoo.get("name"), str)
-        or not isinstance(zoo.get("kwargs"), dict)
-    ):
+    if not isinstance(zoo, dict) or not isinstance(zoo.get("name"), str) or not isinstance(zoo.get("kwargs"), dict):
         raise CheckpointError(f"{path}: artifact zoo entry is malformed")
-    try:
-        from pare import models
-    except ImportError as exc:
-        raise CheckpointError(f"{path}: needs the pare model zoo ({exc}); pass skeleton= instead") from None
     try:
         model = models.create(zoo["name"], **zoo["kwargs"])
     except Exception as exc:  # the zoo raises its own errors for unknown names / bad kwargs
