@@ -362,7 +362,7 @@ def test_hooks_are_typed_and_fit_leaves_the_global_rng_alone() -> None:
     class Misspelt:  # not a Hook: after_stpe would never be called
         def after_stpe(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None: ...
 
-    with pytest.raises(ConfigError, match="Misspelt does not implement pare.train.TrainHook"):
+    with pytest.raises(ConfigError, match=r"Misspelt does not implement pare\.train\.TrainHook"):
         fit(make_model(), train, val, small_recipe(epochs=1), hooks=[Misspelt()])
     model = make_model()
     torch.manual_seed(123)
