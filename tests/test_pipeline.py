@@ -55,9 +55,9 @@ def test_config_errors_are_one_line_naming_the_key() -> None:
         PipelineConfig.from_dict({**good, "target": {"macs_reduction": 50}})
     with pytest.raises(ConfigError, match=r"eval\.splits: no split 'lossless932'"):
         PipelineConfig.from_dict({**good, "eval": {"splits": ["lossless932"]}})
-    with pytest.raises(ConfigError, match="torch-pruning takes a macs_reduction target"):
+    with pytest.raises(ConfigError, match=r"torch-pruning takes a macs_reduction target"):
         _config(prune=PruneConfig(engine="torch-pruning"), target=Budget(channel_ratio=0.3))
-    with pytest.raises(ConfigError, match="repair.recalibrate"):
+    with pytest.raises(ConfigError, match=r"repair\.recalibrate"):
         RepairConfig(recalibrate=1)  # type: ignore[arg-type]
 
 
