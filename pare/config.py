@@ -333,10 +333,14 @@ class PipelineConfig:
         return from_dict(cls, values)
 
 
-def to_dict(config: object) -> dict[str, JSON]:
+Section = (ModelConfig | DataConfig | PruneConfig | RepairConfig | LatencyConfig | FinetuneConfig | EvalConfig
+           | PipelineConfig)
+
+
+def to_dict(config: Section) -> dict[str, JSON]:
     """JSON-ready primitives of a configuration dataclass (nested sections, recipes and budgets included)."""
     out: dict[str, JSON] = {}
-    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+    for f in dataclasses.fields(config):
         out[f.name] = _plain(getattr(config, f.name))
     return out
 
@@ -358,7 +362,7 @@ def _plain(value: object) -> JSON:
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prune": PruneConfig,
                               "repair": RepairConfig, "latency": LatencyConfig, "finetune": FinetuneConfig,
                               "eval": EvalConfig}
-C = typing.TypeVar("C")
+C = typing.TypeVar("C", bound=Section)
 
 
 def from_dict(cls: type[C], values: Mapping[str, JSON], where: str = "") -> C:

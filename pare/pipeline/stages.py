@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pare.config import DataConfig, EvalConfig, ModelConfig
+from pare.config import JSON, DataConfig, EvalConfig, ModelConfig
 from pare.data import (
     ImageDataset,
     ImageSubset,
@@ -37,7 +37,7 @@ from pare.train import Recipe, fit
 
 Dataset = ImageDataset | ImageSubset
 Batch = tuple[torch.Tensor, torch.Tensor]
-JSONDict = dict[str, object]
+JSONDict = dict[str, JSON]
 
 
 def expand(path: str) -> str:
