@@ -168,7 +168,7 @@ def prune(
     seconds["score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan, notes = _plan(model, example_inputs, graph, groups, scores, target, config, counts_before)
+    plan, notes = _plan(model, example_inputs, graph, groups, scores, target, config, counts_before, data)
     removals = select_indices(crit, ctx, groups, scores, plan)
     seconds["allocate"] = time.perf_counter() - t0
 
@@ -226,6 +226,7 @@ def _plan(
     target: Budget,
     config: PruneConfig,
     counts_before: Counts,
+    data: list[Batch] | None,
 ) -> tuple[dict[str, int], list[str]]:
     """``({gid: n_remove}, notes)`` meeting ``target`` under the constraints of ``config``."""
     constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
@@ -233,7 +234,8 @@ def _plan(
     if target.kind == "sparsity":
         ratios = producer_ratios(model, str(target.value), config.model_name)
         return sparsity_plan(graph, groups, ratios, coupled=config.coupled)
-    request = AllocationRequest(groups, scores, config.normalize)
+    request = AllocationRequest(groups, scores, config.normalize, graph=graph, model=model,
+                                example_inputs=example_inputs, data=data, allowed=allowed)
     if target.kind == "channel_ratio":
         ratio = float(target.value)
         if config.allocation == "uniform":

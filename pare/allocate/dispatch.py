@@ -12,21 +12,31 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
 from pare.allocate.strategies import global_order, uniform_order
 from pare.errors import ConfigError
-from pare.graph import Group
+from pare.graph import ChannelGraph, Group
 
 
 @dataclass(frozen=True)
 class AllocationRequest:
     """What an allocation may look at: the eligible ``groups`` (graph order), the criterion's ``scores``
     (group id -> float64 array of the group's size, higher = keep) and the ``normalize`` rule of a global
-    ranking (:func:`pare.allocate.strategies.normalize_scores`)."""
+    ranking (:func:`pare.allocate.strategies.normalize_scores`). A measured allocation (e.g. by sensitivity)
+    also gets the traced ``graph`` of the ``model``, the ``example_inputs``, the calibration ``data``
+    (``(images (N, C, H, W), labels (N,))`` batches; None without data) and the removal counts each group
+    allows (``allowed``, ascending, starting with 0); None where the caller has none."""
 
     groups: Sequence[Group]
     scores: Mapping[str, np.ndarray]
     normalize: str = "mean"
+    graph: ChannelGraph | None = None
+    model: nn.Module | None = None
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+    data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+    allowed: Mapping[str, Sequence[int]] | None = None
 
 
 Allocator = Callable[[AllocationRequest], list[str]]
