@@ -18,7 +18,7 @@ PARE = REPO / "pare"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "layers", "version"),
     ("models", "data", "graph", "count", "evaluate"),
-    ("criteria", "compensate", "train", "io"),
+    ("criteria", "compensate", "train", "io", "records"),
     ("allocate", "latency", "methods", "report"),
     ("config",),
     ("repair",),
