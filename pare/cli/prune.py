@@ -59,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     budget.add_argument("--channel-ratio", type=fraction, metavar="F", help="fraction of channels to remove")
     budget.add_argument("--sparsity", metavar="STRING", help="HRank/CHIP per-layer sparsity string (zoo models)")
     budget.add_argument("--reduce-latency", type=fraction, metavar="F",
-                        help="fraction of measured latency to remove (pare.allocate.latency)")
+                        help="fraction of measured latency to remove (pare.prune_latency)")
     how = parser.add_argument_group("pruning")
     how.add_argument("--criterion", default="l1", metavar="NAME", help="pruning criterion (see 'pare criteria')")
     how.add_argument("--criterion-option", type=common.key_value, action="append", default=[], metavar="KEY=VALUE",
