@@ -136,7 +136,8 @@ def _example_inputs(loaded: LoadedModel, data: Splits, config: PipelineConfig) -
     if shape is None and not is_artifact(config.model.name):
         shape = get_entry(config.model.name).preprocessing.input_size
     if shape is None:
-        raise ConfigError("cannot tell the input size: give data.path or use a model whose family fixes it")
+        raise ConfigError("cannot tell the input size: set model.input_size (--input-size CxHxW, e.g. 3x32x32) or "
+                          "data.path (--data)")
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
 
 
