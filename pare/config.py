@@ -291,6 +291,7 @@ class PipelineConfig:
     evaluation. ``criterion``/``criterion_options``: a registered criterion and its constructor options.
     ``target``: the budget (:class:`pare.allocate.Budget`; in JSON ``{"macs_reduction": 0.5}``).
     ``latency``: a measured-latency target replacing ``target`` (None = prune to ``target``).
+    ``recovery``: a short fine-tune after every step of iterative pruning but the last (``prune.steps`` > 1).
     ``finetune``: None = no fine-tuning.
     """
 
@@ -302,6 +303,7 @@ class PipelineConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     repair: RepairConfig = field(default_factory=RepairConfig)
     latency: LatencyConfig | None = None
+    recovery: FinetuneConfig | None = None
     finetune: FinetuneConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -317,8 +319,10 @@ class PipelineConfig:
                 _fail("eval.splits", f"no split {split!r}: name it in data.test_sets or use val/test")
         if self.prune.engine == "torch-pruning" and self.target.kind != "macs_reduction":
             _fail("prune.engine", "torch-pruning takes a macs_reduction target only")
-        if (self.finetune is not None or self.model.train is not None or "val" in self.eval.splits) and \
-                self.data.val_fraction == 0:
+        if self.recovery is not None and self.prune.steps == 1:
+            _fail("recovery", "recovers between the steps of iterative pruning; set prune.steps > 1")
+        trains = self.finetune is not None or self.recovery is not None or self.model.train is not None
+        if (trains or "val" in self.eval.splits) and self.data.val_fraction == 0:
             _fail("data.val_fraction", "training and the 'val' split need a validation share > 0")
         if self.latency is not None and (self.prune.steps > 1 or self.prune.engine != "pare"):
             _fail("latency", "a latency target is searched in one step with the pare engine")
@@ -360,8 +364,8 @@ def _plain(value: object) -> JSON:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prune": PruneConfig,
-                              "repair": RepairConfig, "latency": LatencyConfig, "finetune": FinetuneConfig,
-                              "eval": EvalConfig}
+                              "repair": RepairConfig, "latency": LatencyConfig, "recovery": FinetuneConfig,
+                              "finetune": FinetuneConfig, "eval": EvalConfig}
 C = typing.TypeVar("C", bound=Section)
 
 

@@ -82,10 +82,13 @@ def test_one_shot_and_iterative_runs() -> None:
     assert 0.0 <= one.top1("pruned") <= 1.0 and one.record()["config"] == config.to_dict()
 
     calls: list[int] = []
-    iterative = run(_config(prune=PruneConfig(steps=3)), model=loaded, data=data,
+    recovery = FinetuneConfig(recipe=Recipe(epochs=1, batch_size=128, lr=0.01))
+    iterative = run(_config(prune=PruneConfig(steps=3), recovery=recovery), model=loaded, data=data,
                     recover=lambda model, step: calls.append(step))
     assert calls == [0, 1] and len(iterative.prune) == 3
     assert abs(float(iterative.reduction["macs_reduction"]) - 0.4) <= 0.015  # each step within its tolerance
+    with pytest.raises(ConfigError, match=r"set prune\.steps > 1"):
+        _config(recovery=recovery)
     assert with_seed(config, 5).data.seed == 5 and with_seed(config, 5).prune.seed == 5
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pare.allocate.budget import Budget
-from pare.config import PipelineConfig
+from pare.config import FinetuneConfig, PipelineConfig
 from pare.count import count
 from pare.criteria.base import get_criterion
 from pare.errors import ConfigError
@@ -121,7 +121,7 @@ def prepare(config: PipelineConfig, *, progress: bool = False, device: str = "cp
     recorded = loaded.provenance.get("normalization") if loaded is not None else None
     norm = resolve_normalization(config.data, config.model, recorded)  # type: ignore[arg-type]
     calibrate = config.repair.active or get_criterion(config.criterion, **dict(config.criterion_options)).needs_data
-    train = config.finetune is not None or config.model.train is not None
+    train = config.finetune is not None or config.recovery is not None or config.model.train is not None
     data = load_data(config.data, norm, need_train=train, calibrate=calibrate, splits=tuple(config.eval.splits))
     if loaded is None:
         loaded = load_model(config.model, data.classes)
@@ -174,6 +174,25 @@ def _prune_step(model: nn.Module, example: torch.Tensor, target: Budget, config:
                        compensation=done.compensation)
 
 
+def _finetune(model: nn.Module, dense: nn.Module, ft: FinetuneConfig, data: Splits, device: str,
+              out_dir: Path | None, resume: bool, progress: bool) -> JSONDict:
+    """Fine-tune ``model`` in place on the training images (the dense model as teacher with ``ft.distill``)."""
+    teacher = copy.deepcopy(dense).eval() if ft.distill else None
+    train_loader, val_loader = train_loaders(ft.recipe, data, ft.augment)
+    outcome = fit(model, train_loader, val_loader, ft.recipe, teacher=teacher, device=device, out_dir=out_dir,
+                  resume=resume, keep_best=ft.keep_best, progress=progress)
+    model.to("cpu")
+    return {
+        "recipe": ft.recipe.to_dict(), "epochs_completed": outcome.epochs_completed,
+        "train_images": len(data.train) if data.train is not None else None,
+        "val_images": len(data.val) if data.val is not None else None,
+        "final_val_top1": outcome.final_val_acc, "best_val_top1": outcome.best_val_acc,
+        "best_val_epoch": outcome.best_val_epoch,
+        "resumed_from": list(outcome.resumed_from) if outcome.resumed_from else None,
+        "seconds": outcome.seconds,
+    }
+
+
 def run(
     config: PipelineConfig,
     *,
@@ -194,7 +213,8 @@ def run(
         device: where evaluation and fine-tuning run ("cpu", "cuda", "cuda:N"); pruning and repair run on CPU.
         out_dir: fine-tuning checkpoint and metrics.jsonl go to ``out_dir/finetune`` (None: not written).
         resume: continue an interrupted fine-tune from that checkpoint.
-        recover: called between the steps of iterative pruning (``config.prune.steps`` > 1).
+        recover: called between the steps of iterative pruning (``config.prune.steps`` > 1), after the
+            configured ``recovery`` fine-tune if any; for what a configuration cannot say (it is not recorded).
         progress: progress bars for training.
 
     Raises:
@@ -221,8 +241,11 @@ def run(
         result = _prune_step(current, example, target, config, data.calib)
         results.append(result)
         current = result.model
-        if recover is not None and index < len(targets) - 1:
-            recover(current, index)
+        if index < len(targets) - 1:
+            if config.recovery is not None:
+                _finetune(current, dense, config.recovery, data, device, None, False, progress)
+            if recover is not None:
+                recover(current, index)
     seconds["prune"] = time.perf_counter() - t0
     pruned = current
     if config.eval.splits:
@@ -231,22 +254,8 @@ def run(
     finetune_record = None
     if config.finetune is not None:
         t0 = time.perf_counter()
-        ft = config.finetune
-        teacher = copy.deepcopy(dense).eval() if ft.distill else None
-        train_loader, val_loader = train_loaders(ft.recipe, data, ft.augment)
-        outcome = fit(pruned, train_loader, val_loader, ft.recipe, teacher=teacher, device=device,
-                      out_dir=Path(out_dir) / "finetune" if out_dir is not None else None, resume=resume,
-                      keep_best=ft.keep_best, progress=progress)
-        pruned.to("cpu")
-        finetune_record = {
-            "recipe": ft.recipe.to_dict(), "epochs_completed": outcome.epochs_completed,
-            "train_images": len(data.train) if data.train is not None else None,
-            "val_images": len(data.val) if data.val is not None else None,
-            "final_val_top1": outcome.final_val_acc, "best_val_top1": outcome.best_val_acc,
-            "best_val_epoch": outcome.best_val_epoch,
-            "resumed_from": list(outcome.resumed_from) if outcome.resumed_from else None,
-            "seconds": outcome.seconds,
-        }
+        finetune_record = _finetune(pruned, dense, config.finetune, data, device,
+                                    Path(out_dir) / "finetune" if out_dir is not None else None, resume, progress)
         seconds["finetune"] = time.perf_counter() - t0
         if config.eval.splits:
             accuracy["finetuned"] = evaluate_splits(pruned, data, config.eval, device)
