@@ -10,10 +10,11 @@ from typing import Any
 from torch import nn
 
 from pare.allocate.budget import Budget
+from pare.allocate.dispatch import ALLOCATIONS
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, fraction, nonneg_int, positive_int
 from pare.cli.config_file import BUDGET_DESTS
-from pare.config import PipelineConfig
+from pare.config import ENGINES, PipelineConfig
 from pare.errors import BudgetError, ConfigError
 from pare.pipeline import PipelineResult
 from pare.pipeline.stages import LoadedModel, Splits
@@ -64,8 +65,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     how.add_argument("--criterion", default="l1", metavar="NAME", help="pruning criterion (see 'pare criteria')")
     how.add_argument("--criterion-option", type=common.key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="criterion constructor option, e.g. residual=first for similarity (repeatable)")
-    how.add_argument("--allocation", choices=("global", "uniform"), default="global",
-                     help="rank channels globally or remove the same fraction per group")
+    how.add_argument("--allocation", choices=ALLOCATIONS, default="global",
+                     help="how the budget is spread over the groups (pare.allocate.dispatch)")
+    how.add_argument("--engine", choices=ENGINES, default="pare",
+                     help="who prunes: pare's verified surgery, or Torch-Pruning (optional dependency; MACs "
+                     "budgets only), repaired and fine-tuned the same way")
+    how.add_argument("--steps", type=positive_int, default=1, metavar="N",
+                     help="prune in N equal steps (iterative pruning), repairing after each")
     how.add_argument("--round-to", type=positive_int, default=1, metavar="N", help="keep channel counts multiples of N")
     how.add_argument("--internal-only", action="store_true",
                      help="prune only block-internal channels (no residual sums)")
@@ -141,8 +147,9 @@ def config_from_args(args: argparse.Namespace, budget: Budget | None) -> Pipelin
         target=budget or Budget(macs_reduction=0.0),
         latency=None if budget is not None else LatencyConfig(args.reduce_latency, max(args.latency_runs, 10),
                                                                args.threads or 1),
-        prune=PruneConfig(allocation=args.allocation, round_to=args.round_to, internal_only=args.internal_only,
-                          verify=not args.no_verify, seed=args.seed, convention=args.convention),
+        prune=PruneConfig(engine=args.engine, allocation=args.allocation, round_to=args.round_to,
+                          internal_only=args.internal_only, verify=not args.no_verify, seed=args.seed,
+                          convention=args.convention, steps=args.steps),
         repair=RepairConfig(recalibrate=recalibrate, compensate=args.compensate,
                             recalibrate_batches=args.recalibrate or None),
         finetune=finetune,
