@@ -17,6 +17,7 @@ from pare.allocate.budget import Budget
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, positive_int
 from pare.config import PipelineConfig, PruneConfig
+from pare.train import Recipe
 
 NAME = "demo"
 EPILOG = """\
@@ -72,24 +73,26 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
         torch.set_num_threads(threads_before)
 
 
-def demo_config(args: argparse.Namespace) -> PipelineConfig:
-    """The pipeline configuration every demo row shares (the criterion differs per row)."""
+def demo_config(args: argparse.Namespace) -> tuple[PipelineConfig, Recipe, Recipe]:
+    """The pipeline configuration every demo row shares (the criterion differs per row), with its dense-training
+    and fine-tuning recipes."""
     from pare.config import DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PipelineConfig, RepairConfig
-    from pare.train import Recipe
 
     epochs, ft_epochs = (2, 1) if args.quick else (args.epochs, args.finetune_epochs)
-    return PipelineConfig(
-        model=ModelConfig(name=DEMO_MODEL, init_seed=args.seed,
-                          train=Recipe(name="demo-train", epochs=epochs, batch_size=64, lr=0.1, weight_decay=5e-4,
-                                       schedule="cosine", seed=args.seed)),
+    train = Recipe(name="demo-train", epochs=epochs, batch_size=64, lr=0.1, weight_decay=5e-4, schedule="cosine",
+                   seed=args.seed)
+    finetune = Recipe(name="demo-finetune", epochs=ft_epochs, batch_size=64, lr=0.01, weight_decay=5e-4,
+                      schedule="cosine", seed=args.seed)
+    config = PipelineConfig(
+        model=ModelConfig(name=DEMO_MODEL, init_seed=args.seed, train=train),
         data=DataConfig(path="digits", val_fraction=0.15, calib_images=256, calib_batch_size=128, seed=args.seed),
         target=Budget(macs_reduction=args.reduce_macs),
         prune=PruneConfig(seed=args.seed),
         repair=RepairConfig(recalibrate=True),  # BN statistics recalibrated for every criterion
-        finetune=FinetuneConfig(recipe=Recipe(name="demo-finetune", epochs=ft_epochs, batch_size=64, lr=0.01,
-                                              weight_decay=5e-4, schedule="cosine", seed=args.seed)),
+        finetune=FinetuneConfig(recipe=finetune),
         eval=EvalConfig(splits=("test",), dense=False),
     )
+    return config, train, finetune
 
 
 def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path, t_start: float) -> dict[str, Any]:
@@ -105,19 +108,17 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
     from pare.pipeline import prepare, run
     from pare.pipeline.stages import evaluate_splits
 
-    base = demo_config(args)
-    assert base.model.train is not None and base.finetune is not None
+    base, train_recipe, ft_recipe = demo_config(args)
     latency_runs = 10 if args.quick else 60
     seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------- dense model
-    console.info(f"training {DEMO_MODEL} on digits for {base.model.train.epochs} epochs")
+    console.info(f"training {DEMO_MODEL} on digits for {train_recipe.epochs} epochs")
     t0 = time.perf_counter()
     loaded, data = prepare(base, progress=console.progress)
     seconds["train_dense"] = time.perf_counter() - t0
     dense = loaded.model
-    assert data.train is not None and data.val is not None and data.input_size is not None
-    shape = data.input_size
+    shape = data.input_size or (1, 8, 8)  # digits are 8x8 grey images
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
     dense_counts = count(dense, example)
     dense_top1 = float(evaluate_splits(dense, data, base.eval, "cpu")["test"]["top1"])  # type: ignore[arg-type]
@@ -136,7 +137,7 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
     # ------------------------------------------------------------------------------ every criterion
     criteria = [c.name for c in list_criteria()]
     console.info(f"pruning to -{100 * args.reduce_macs:.0f}% MACs with {len(criteria)} criteria, fine-tuning each "
-                 f"{base.finetune.recipe.epochs} epoch(s)")
+                 f"{ft_recipe.epochs} epoch(s)")
     t_all = time.perf_counter()
     for name in console.bar(criteria, desc="criteria"):
         t0 = time.perf_counter()
@@ -182,13 +183,13 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
         "command": common.command_line(argv),
         "setup": {
             "data": "scikit-learn digits (seeded 80/20 train/test split)", "model": DEMO_MODEL,
-            "train_images": len(data.train) + len(data.val), "val_images": len(data.val),
-            "test_images": len(data.tests["test"]), "epochs": base.model.train.epochs,
-            "finetune_epochs": base.finetune.recipe.epochs, "target_macs_reduction": args.reduce_macs,
+            "train_images": len(data.train or []) + len(data.val or []), "val_images": len(data.val or []),
+            "test_images": len(data.tests["test"]), "epochs": train_recipe.epochs,
+            "finetune_epochs": ft_recipe.epochs, "target_macs_reduction": args.reduce_macs,
             "calib_images": sum(len(b[1]) for b in data.calib or []), "latency_batch": args.latency_batch,
             "latency_threads": args.threads,
-            "latency_runs": latency_runs, "quick": bool(args.quick), "train_recipe": base.model.train.to_dict(),
-            "finetune_recipe": base.finetune.recipe.to_dict(), "normalization": norm.to_dict(),
+            "latency_runs": latency_runs, "quick": bool(args.quick), "train_recipe": train_recipe.to_dict(),
+            "finetune_recipe": ft_recipe.to_dict(), "normalization": norm.to_dict(),
         },
         "rows": rows,
         "widths": widths,
@@ -203,7 +204,7 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
         [[r["name"], report.pct(r["top1_before_finetune"]), report.pct(r["top1"]), report.human(r["macs"]),
           report.human(r["params"]), f"{r['latency']['median_ms']:.3f} ms", f"{r['seconds']:.1f} s"] for r in rows],
         title=f"pare demo: small_cnn on digits, -{100 * args.reduce_macs:.0f}% MACs, fine-tune "
-              f"{base.finetune.recipe.epochs} epoch(s), test top-1 (final epoch)",
+              f"{ft_recipe.epochs} epoch(s), test top-1 (final epoch)",
     )
     console.out(f"wrote {out / 'report.md'}, {out / 'metrics.json'}"
                 + (f" and {len(record['plots'])} plots" if record["plots"] else f" (plots skipped: "

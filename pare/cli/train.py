@@ -74,7 +74,6 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     loaded = artifact or common.load_model(args.model, weights=args.weights,
                                            num_classes=args.num_classes or data.classes,
                                            options=args.model_option, seed=args.seed)
-    assert data.train is not None and data.val is not None and data.input_size is not None
     shape = args.input_size or data.input_size
     test_loader = InMemoryLoader(data.tests["test"], max(recipe.batch_size, 256), shuffle=False, normalization=norm)
     t0 = time.perf_counter()
@@ -85,8 +84,8 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
                  test_loader=test_loader, out_dir=out / "finetune", resume=args.resume, device=device,
                  progress=console.progress)
     record = {
-        "recipe": recipe.to_dict(), "epochs_completed": result.epochs_completed, "train_images": len(data.train),
-        "val_images": len(data.val), "final_val_top1": result.final_val_acc, "best_val_top1": result.best_val_acc,
+        "recipe": recipe.to_dict(), "epochs_completed": result.epochs_completed, "train_images": len(data.train or []),
+        "val_images": len(data.val or []), "final_val_top1": result.final_val_acc, "best_val_top1": result.best_val_acc,
         "best_val_epoch": result.best_val_epoch, "test_top1_final_epoch": result.test_acc,
         "test_loss": result.test_loss,
         "resumed_from": list(result.resumed_from) if result.resumed_from else None, "seconds": result.seconds,
