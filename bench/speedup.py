@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from _common import git_commit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from pare.allocate import Budget  # noqa: E402
+from pare.config import PruneConfig  # noqa: E402
 from pare.count import count  # noqa: E402
 from pare.latency import Latency, compare_latency  # noqa: E402
 from pare.models import create  # noqa: E402
@@ -182,7 +183,7 @@ def resnet50_rows(args: argparse.Namespace, threads: int, rows: list[dict[str, A
         for name, kw in PARE_CONFIGS.items():
             t0 = time.perf_counter()
             try:
-                res = prune(dense, x1, target=Budget(macs_reduction=target), verify=False, **kw)
+                res = prune(dense, x1, target=Budget(macs_reduction=target), config=PruneConfig(verify=False, **kw))
             except Exception as exc:  # an unreachable configuration is a result too
                 log.append(f"resnet50 {target} pare {name}: {type(exc).__name__}: {exc}")
                 continue
@@ -253,7 +254,7 @@ def resnet56_rows(args: argparse.Namespace, threads: int, rows: list[dict[str, A
     pruned: dict[str, tuple[nn.Module, int]] = {}
     for name, kw in CIFAR_CONFIGS.items():
         try:
-            res = prune(dense, x1, target=Budget(macs_reduction=target), verify=False, **kw)
+            res = prune(dense, x1, target=Budget(macs_reduction=target), config=PruneConfig(verify=False, **kw))
         except Exception as exc:
             log.append(f"resnet56 {target} pare {name}: {type(exc).__name__}: {exc}")
             continue
@@ -306,8 +307,8 @@ def allocation_profiles(record: dict[str, Any]) -> list[dict[str, Any]]:
                                       global_pruning=False).step()
         else:
             kw = PARE_CONFIGS[r["config"]]
-            model = prune(dense, x1, target=Budget(macs_reduction=r["target_macs_reduction"]), verify=False,
-                          **kw).model
+            model = prune(dense, x1, target=Budget(macs_reduction=r["target_macs_reduction"]),
+                          config=PruneConfig(verify=False, **kw)).model
         out.append({"target": r["target_macs_reduction"], "config": r["config"],
                     "kept": width_profile(dense, model)})
     return out
@@ -405,8 +406,9 @@ def write_md(record: dict[str, Any]) -> None:
         "MACs (`ignored_layers=[fc]`, per-layer ratio).",
         "",
         f"Recommended configuration (bold), chosen by rule ({record['recommended']['rule']}) among "
-        f"{', '.join(f'`{c}`' for c in CANDIDATES)}: `{record['recommended']['name']}` = `prune(..., "
-        + ", ".join(f"{k}={v!r}" for k, v in record["recommended"]["prune_kwargs"].items()) + ")`.",
+        f"{', '.join(f'`{c}`' for c in CANDIDATES)}: `{record['recommended']['name']}` = "
+        "`prune(..., config=PruneConfig("
+        + ", ".join(f"{k}={v!r}" for k, v in record["recommended"]["prune_kwargs"].items()) + "))`.",
         "",
     ]
     rows = record["rows"]

@@ -84,7 +84,8 @@ def evaluate(
             when no group is initialised.
 
     Returns:
-        ``{"top1": percent, "top5": percent, ..., "loss": mean cross-entropy per sample, "n": samples}``.
+        ``{"top1": fraction, "top5": fraction, ..., "loss": mean cross-entropy per sample, "n": samples}``;
+        accuracies are fractions in [0, 1] (percent only when printed).
 
     Raises:
         DataError: an empty loader (over all ranks), or a batch whose labels do not match the logits.
@@ -144,7 +145,7 @@ def evaluate(
         hits = {k: round(v) for k, v in zip(ks, summed[2:], strict=True)}
     if count == 0:
         raise DataError("evaluate: the loader yielded no samples")
-    result: dict[str, float | int] = {f"top{k}": 100.0 * hits[k] / count for k in ks}
+    result: dict[str, float | int] = {f"top{k}": hits[k] / count for k in ks}
     result["loss"] = loss_sum / count
     result["n"] = count
     return result

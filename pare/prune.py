@@ -1,8 +1,7 @@
-"""``pare.prune``: trace, score, allocate, remove, verify (and optionally compensate) in one call."""
+"""``pare.prune``: trace, score, allocate, remove, verify (and optionally repair) in one call."""
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,25 +11,29 @@ import numpy as np
 import torch
 from torch import nn
 
+# pare.criteria registers every built-in criterion on import, so that a criterion name resolves here.
+import pare.criteria  # noqa: F401
 from pare.allocate.budget import Budget
+from pare.allocate.dispatch import AllocationRequest, allocation_order
 from pare.allocate.search import CostModel, plan_at, search_order
 from pare.allocate.strategies import (
     Constraints,
     allowed_counts,
     eligible_groups,
-    global_order,
     is_internal,
     ratio_plan,
     select_indices,
     sparsity_plan,
-    uniform_order,
 )
 from pare.checks import check_finite
+from pare.config import PruneConfig, RepairConfig
 from pare.count import Counts, count
+from pare.criteria.base import Criterion, ScoreContext, get_criterion
 from pare.errors import BudgetError, ConfigError
-from pare.graph import ChannelGraph, trace
+from pare.graph import ChannelGraph, Group, trace
+from pare.models.sparsity import producer_ratios
+from pare.repair import repair as run_repair
 
-ALLOCATIONS = ("global", "uniform")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -44,7 +47,7 @@ class PruneResult:
     allocate, surgery incl. verification, compensate, recalibrate, count). ``groups``: one dict per prunable
     group (id, size, removed, eligible, internal). ``notes``: e.g. coupled groups of a sparsity replay;
     ``compensation``: per-layer errors when compensation ran; ``residual_mode``: "internal" or "grouped".
-    ``latency``: set by :func:`pare.allocate.latency.prune_to_latency` (measured before/after, target, search).
+    ``latency``: set by :func:`pare.prune_latency.prune_to_latency` (measured before/after, target, search).
     """
 
     model: nn.Module
@@ -87,15 +90,6 @@ class PruneResult:
         }
 
 
-def _load_criteria() -> None:
-    # The criteria register themselves when their package is imported; importing here keeps `pare.prune`
-    # usable without the caller importing pare.criteria first.
-    try:
-        importlib.import_module("pare.criteria")
-    except ImportError:
-        importlib.import_module("pare.criteria.base")
-
-
 def _reset_norms(pruned: nn.Module, graph: ChannelGraph, removals: dict[str, list[int]]) -> None:
     """Reset, in place, the norm layers that are members of a group with removed channels (whole layers)."""
     names: list[str] = []
@@ -113,72 +107,40 @@ def prune(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
     *,
-    criterion: Any = "l1",
+    criterion: str | Criterion = "l1",
     target: Budget,
     data: Sequence[Batch] | None = None,
-    allocation: str = "global",
-    aggregate: str = "sum",
-    normalize: str = "mean",
-    min_channels: int = 1,
-    round_to: int = 1,
-    protected: Sequence[str] = (),
-    internal_only: bool = False,
-    verify: bool = True,
-    compensate: bool = False,
-    recalibrate: int | bool | None = None,
-    reset_bn: bool = False,
-    seed: int = 0,
-    convention: str = "macs",
-    tolerance: float = 0.005,
-    coupled: str = "min",
-    model_name: str | None = None,
+    config: PruneConfig | None = None,
+    repair: RepairConfig | None = None,
 ) -> PruneResult:
     """Prune ``model`` to ``target`` and return the smaller model with a record of what happened.
 
     Args:
         model: any traceable CNN; not modified.
         example_inputs: inputs for tracing and counting (e.g. ``torch.randn(1, 3, 32, 32)``).
-        criterion: a registered name (``"l1"``, ``"chip"``, ...) or a Criterion instance.
-        target: a :class:`Budget`. MACs/params targets are met within ``tolerance`` (a fraction: 0.005 = 0.5
-            percentage point) by searching the allocation with an exact analytic count (see
+        criterion: a registered name (``"l1"``, ``"chip"``, ...) or a :class:`~pare.criteria.base.Criterion`.
+        target: a :class:`Budget`. MACs/params targets are met within ``config.tolerance`` (a fraction: 0.005 =
+            0.5 percentage point) by searching the allocation with an exact analytic count (see
             :mod:`pare.allocate.search`); the result is then recounted with :func:`pare.count.count`.
-        data: calibration batches ``(images, labels)`` for data-driven criteria, compensation and BN
-            recalibration (e.g. :func:`pare.data.calibration_batches`).
-        allocation: ``"global"`` (rank all channels by normalised score, ``normalize`` = "mean"/"max"/"l2"/
-            "none") or ``"uniform"`` (the same fraction of every group). Ignored for sparsity budgets.
-        aggregate: how member scores of coupled groups combine ("sum", "mean", "max", "first").
-        min_channels, round_to, protected, internal_only: constraints (:class:`pare.allocate.Constraints`).
-        verify: check the pruned model against the masked original (raises EquivalenceError on mismatch).
-        compensate: least-squares reconstruction of the consumer layers on ``data``
-            (:func:`pare.compensate.compensate`, sequential solve); implies BN recalibration (before the fit)
-            unless ``recalibrate=False``.
-        recalibrate: BN recalibration on ``data``: an int = number of batches, True = all, None = only when
-            compensating, False/0 = never.
-        reset_bn: after surgery (before any recalibration), reset every norm layer of a pruned group to its
-            default state (γ = 1, β = 0, running mean 0, running var 1), as the official CHIP CIFAR code does
-            (methods.md §1.7 item 3); the default copies the surviving channels' slices.
-        seed: passed to the criterion (random, sampling) and to compensation's position sampling.
-        convention: counting convention (``"macs"`` or ``"chip"``) for the target and the reported counts.
-        coupled: for sparsity budgets, how coupled residual groups take a ratio (see
-            :func:`pare.allocate.sparsity_plan`).
-        model_name: zoo name for sparsity budgets when the model was not built by ``pare.models.create``.
+        data: calibration batches ``(images (N, C, H, W), labels (N,))`` for data-driven criteria and repairs
+            (e.g. :func:`pare.data.calibration_batches`).
+        config: every other pruning option (:class:`pare.config.PruneConfig`: allocation, constraints,
+            verification, seed, counting convention, ...); None = the defaults. ``engine`` must be "pare"
+            here (:func:`pare.pipeline.run` dispatches other engines).
+        repair: BN recalibration and least-squares compensation on ``data`` after the surgery
+            (:func:`pare.repair.repair`); None = no repair.
 
     Raises:
-        BudgetError: a malformed or unreachable budget. ConfigError: a data-driven criterion, compensation or
-        recalibration without ``data``; unknown options. PruneError: a parameter or buffer of ``model`` holds
+        BudgetError: a malformed or unreachable budget. ConfigError: a data-driven criterion or a repair
+        without ``data``; an engine other than "pare". PruneError: a parameter or buffer of ``model`` holds
         NaN or infinity (named).
     """
-    from pare.compensate import compensate as run_compensation
-    from pare.criteria.base import ScoreContext, get_criterion
-    from pare.evaluate import recalibrate_bn
-
+    config = config or PruneConfig()
     if not isinstance(target, Budget):
         raise BudgetError(f"target must be a pare.allocate.Budget, got {type(target).__name__}")
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"unknown allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
-    if not 0 < tolerance < 1:
-        raise ConfigError(f"tolerance must be in (0, 1), got {tolerance}")
-    _load_criteria()
+    if config.engine != "pare":
+        raise ConfigError(f"pare.prune runs the 'pare' engine; engine '{config.engine}' runs through "
+                          "pare.pipeline.run")
     crit = get_criterion(criterion)
     if data is not None:
         data = list(data)
@@ -186,13 +148,9 @@ def prune(
             raise ConfigError("data is empty: pass calibration batches (images, labels) or None")
     if crit.needs_data and data is None:
         raise ConfigError(f"criterion '{crit.name}' needs calibration data: pass data=[(images, labels), ...]")
-    if compensate and data is None:
-        raise ConfigError("compensate=True needs calibration data (data=...)")
-    if recalibrate is None:
-        recalibrate = bool(compensate)
-    if recalibrate and data is None:
-        raise ConfigError("BN recalibration needs calibration data (data=...)")
-    constraints = Constraints(min_channels, round_to, tuple(protected), internal_only)
+    if repair is not None and repair.active and data is None:
+        raise ConfigError("repair (BN recalibration / compensation) needs calibration data (data=...)")
+    constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
     check_finite(model)  # else verification would report a divergence at some node instead of the cause
 
     seconds: dict[str, float] = {}
@@ -201,63 +159,36 @@ def prune(
     seconds["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    counts_before = count(model, example_inputs, convention)
+    counts_before = count(model, example_inputs, config.convention)
     seconds["count"] = time.perf_counter() - t0
 
     groups = eligible_groups(graph, constraints)
     if not groups:
         raise BudgetError("no prunable group is left after the constraints (protected / internal_only)")
     t0 = time.perf_counter()
-    ctx = ScoreContext(graph=graph, model=model, data=data, aggregate=aggregate, seed=seed)
+    ctx = ScoreContext(graph=graph, model=model, data=data, aggregate=config.aggregate, seed=config.seed)
     scores = {k: np.asarray(v, dtype=np.float64) for k, v in crit.score(ctx, groups).items()}
     seconds["score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    allowed = {g.id: allowed_counts(g, constraints) for g in groups}
-    notes: list[str] = []
-    kind = target.kind
-    if kind == "sparsity":
-        plan, notes = sparsity_plan(graph, groups, str(target.value), model_name=model_name, coupled=coupled)
-    elif kind == "channel_ratio":
-        ratio = float(target.value)
-        if allocation == "uniform":
-            plan = ratio_plan(groups, allowed, ratio)
-        else:
-            order = global_order(groups, scores, normalize)
-            n_events = round(ratio * sum(g.size for g in groups))
-            plan = plan_at(order, n_events, allowed)
-    else:
-        metric = "macs" if kind == "macs_reduction" else "params"
-        cost = CostModel(model, graph, example_inputs, convention, base=counts_before)
-        order = uniform_order(groups) if allocation == "uniform" else global_order(groups, scores, normalize)
-        plan, _ = search_order(order, allowed, lambda p: cost.reduction(p, metric), float(target.value), tolerance)
+    plan, notes = _plan(model, example_inputs, graph, groups, scores, target, config, counts_before, data)
     removals = select_indices(crit, ctx, groups, scores, plan)
     seconds["allocate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pruned = graph.prune(removals, verify=verify)
-    if reset_bn:
+    pruned = graph.prune(removals, verify=config.verify)
+    if config.reset_bn:
         _reset_norms(pruned, graph, removals)
     seconds["surgery"] = time.perf_counter() - t0
 
     report: dict[str, dict[str, float]] = {}
-    batches = data or []
-    n_batches = len(batches) if recalibrate is True else int(recalibrate)
-    if recalibrate:
-        t0 = time.perf_counter()
-        recalibrate_bn(pruned, batches, batches=n_batches)
-        seconds["recalibrate"] = time.perf_counter() - t0
-    if compensate:
-        # After a first recalibration, so that the layers are fitted on the inputs the recalibrated model produces.
-        # No second recalibration: the sequential solve gives each refitted layer's BN its original statistics
-        # back, and recalibrating afterwards measured worse on ResNet-56 (docs/results/oneshot.md, rows
-        # "bn-recal+compensate(sequential)" vs "...+bn-recal").
-        t0 = time.perf_counter()
-        report = run_compensation(model, pruned, graph, removals, batches, seed=seed)
-        seconds["compensate"] = time.perf_counter() - t0
+    if repair is not None and repair.active:
+        done = run_repair(model, pruned, data or [], repair, graph=graph, removals=removals, seed=config.seed)
+        seconds.update(done.seconds)
+        report = done.compensation
 
     t0 = time.perf_counter()
-    counts_after = count(pruned, example_inputs, convention)
+    counts_after = count(pruned, example_inputs, config.convention)
     seconds["count"] += time.perf_counter() - t0
     reduction = counts_after.reduction_vs(counts_before)
 
@@ -281,10 +212,41 @@ def prune(
         seconds=seconds,
         criterion=crit.name,
         budget=target,
-        allocation="sparsity" if kind == "sparsity" else allocation,
-        residual_mode="internal" if internal_only else "grouped",
+        allocation="sparsity" if target.kind == "sparsity" else config.allocation,
+        residual_mode="internal" if config.internal_only else "grouped",
         groups=summary,
         notes=notes,
         compensation=report,
     )
 
+
+def _plan(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    graph: ChannelGraph,
+    groups: list[Group],
+    scores: dict[str, np.ndarray],
+    target: Budget,
+    config: PruneConfig,
+    counts_before: Counts,
+    data: list[Batch] | None,
+) -> tuple[dict[str, int], list[str]]:
+    """``({gid: n_remove}, notes)`` meeting ``target`` under the constraints of ``config``."""
+    constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
+    allowed = {g.id: allowed_counts(g, constraints) for g in groups}
+    if target.kind == "sparsity":
+        ratios = producer_ratios(model, str(target.value), config.model_name)
+        return sparsity_plan(graph, groups, ratios, coupled=config.coupled)
+    request = AllocationRequest(groups, scores, config.normalize, graph=graph, model=model,
+                                example_inputs=example_inputs, data=data, allowed=allowed)
+    if target.kind == "channel_ratio":
+        ratio = float(target.value)
+        if config.allocation == "uniform":
+            return ratio_plan(groups, allowed, ratio), []  # the CHIP kept-width rule per group
+        return plan_at(allocation_order(config.allocation, request), round(ratio * sum(g.size for g in groups)),
+                       allowed), []
+    metric = "macs" if target.kind == "macs_reduction" else "params"
+    cost = CostModel(model, graph, example_inputs, config.convention, base=counts_before)
+    order = allocation_order(config.allocation, request)
+    plan, _ = search_order(order, allowed, lambda p: cost.reduction(p, metric), float(target.value), config.tolerance)
+    return plan, []

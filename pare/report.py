@@ -5,7 +5,8 @@ The command line (``pare prune``, ``pare demo``) builds a plain JSON-ready *reco
 matplotlib (the ``plot`` extra); without it the report says that plots were skipped and why, and everything
 else is still written. Nothing here imports :mod:`pare.cli`.
 
-Record fields used here (all optional unless noted): ``command`` (the exact command line), ``provenance``
+Accuracy, fine-tuning and demo-row fields are read through the typed views of :mod:`pare.records`. Record
+fields used here (all optional unless noted): ``command`` (the exact command line), ``provenance``
 (:func:`provenance`), ``counts_before`` / ``counts_after`` (:meth:`pare.Counts.to_dict`), ``reduction``,
 ``layers`` (:func:`layer_rows`), ``accuracy``, ``latency``, ``seconds`` (wall time per phase), ``finetune``.
 """
@@ -23,6 +24,7 @@ import torch
 
 from pare.count import Counts
 from pare.io._atomic import atomic_write_bytes
+from pare.records import Accuracy, DemoRow, FinetuneSummary
 
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.md"
@@ -132,8 +134,8 @@ def human(n: float | int | None) -> str:
 
 
 def pct(x: float | None, digits: int = 2) -> str:
-    """Percent figure (already in percent) or '-'."""
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}%"
+    """A fraction printed as percent (0.9163 -> '91.63%'), or '-'."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -174,8 +176,8 @@ def plot_accuracy_vs_macs(points: Sequence[Mapping[str, Any]], path: str | Path,
     """Top-1 accuracy (%) against MACs per image, one point per entry (left), and the same accuracies as bars
     (right), since pruned models at one budget share nearly the same MACs and their points overlap.
 
-    ``points``: dicts with ``name``, ``macs`` and ``top1`` (percent); optional ``top1_before_finetune`` adds a
-    hollow marker (left) and a lighter bar (right).
+    ``points``: dicts with ``name``, ``macs`` and ``top1`` (fraction, plotted in percent); optional
+    ``top1_before_finetune`` adds a hollow marker (left) and a lighter bar (right).
     """
     markers = "os^vD<>pPX*h"
     figure = _figure(11.0, 4.6)
@@ -184,13 +186,14 @@ def plot_accuracy_vs_macs(points: Sequence[Mapping[str, Any]], path: str | Path,
         macs = float(point["macs"]) / 1e6
         color = f"C{index % 10}"
         marker = markers[index % len(markers)]
-        scatter.scatter([macs], [point["top1"]], s=40, color=color, marker=marker, label=str(point["name"]),
+        scatter.scatter([macs], [100 * point["top1"]], s=40, color=color, marker=marker, label=str(point["name"]),
                         zorder=3)
         before = point.get("top1_before_finetune")
         if before is not None:
+            before = 100 * before
             scatter.scatter([macs], [before], s=34, facecolors="none", edgecolors=color, marker=marker, zorder=2)
             bars.bar(index - 0.2, before, width=0.4, color=color, alpha=0.35)
-        bars.bar(index + (0.2 if before is not None else 0.0), point["top1"], width=0.4, color=color)
+        bars.bar(index + (0.2 if before is not None else 0.0), 100 * point["top1"], width=0.4, color=color)
     scatter.set_xlabel("MACs per image (millions)")
     scatter.set_ylabel("top-1 test accuracy (%)")
     scatter.set_title(title or "Accuracy vs MACs")
@@ -288,19 +291,18 @@ def prune_markdown(record: Mapping[str, Any]) -> str:
     lines += [markdown_table(["count", "before", "after", "reduction"], rows), ""]
     if red.get("speedup"):
         lines += [f"Theoretical speed-up (MACs ratio): {red['speedup']:.2f}x", ""]
-    accuracy = record.get("accuracy") or {}
+    accuracy = {name: Accuracy.from_record(v) for name, v in (record.get("accuracy") or {}).items()}
     if accuracy:
         lines += ["## Accuracy", "", markdown_table(
             ["model", "top-1", "top-5", "test images"],
-            [[name, pct(v.get("top1")), pct(v.get("top5")), v.get("n")] for name, v in accuracy.items()],
+            [[name, pct(a.top1), pct(a.top5), a.n] for name, a in accuracy.items()],
         ), ""]
         if record.get("finetune"):
-            ft = record["finetune"]
+            ft = FinetuneSummary.from_record(record["finetune"])
             lines += [
-                f"Fine-tuned with recipe `{ft.get('recipe', {}).get('name')}` for {ft.get('epochs_completed')} "
-                f"epoch(s); model selection on a held-out validation split of {ft.get('val_images')} training "
-                f"images (best val {pct(ft.get('best_val_top1'))} at epoch {ft.get('best_val_epoch')}); the test "
-                "accuracy reported is that of the final-epoch weights.",
+                f"Fine-tuned with recipe `{ft.recipe}` for {ft.epochs_completed} epoch(s); model selection on a "
+                f"held-out validation split of {ft.val_images} training images (best val {pct(ft.best_val_top1)} "
+                f"at epoch {ft.best_val_epoch}); the test accuracy reported is that of the final-epoch weights.",
                 "",
             ]
     latency = record.get("latency") or {}
@@ -345,16 +347,16 @@ def demo_markdown(record: Mapping[str, Any]) -> str:
         "",
     ]
     rows = []
-    for row in record.get("rows") or []:
+    for row in (DemoRow.from_record(r) for r in record.get("rows") or []):
         rows.append([
-            f"**{row['name']}**" if row["name"] == "dense" else row["name"],
-            pct(row.get("top1_before_finetune")),
-            pct(row.get("top1")),
-            human(row["macs"]),
-            "-" if row.get("macs_reduction") is None else f"{100 * row['macs_reduction']:.1f}%",
-            human(row["params"]),
-            "-" if row.get("latency") is None else f"{row['latency']['median_ms']:.3f} ms",
-            "-" if row.get("seconds") is None else f"{row['seconds']:.1f} s",
+            f"**{row.name}**" if row.name == "dense" else row.name,
+            pct(row.top1_before_finetune),
+            pct(row.top1),
+            human(row.macs),
+            "-" if row.macs_reduction is None else f"{100 * row.macs_reduction:.1f}%",
+            human(row.params),
+            "-" if row.latency_ms is None else f"{row.latency_ms:.3f} ms",
+            "-" if row.seconds is None else f"{row.seconds:.1f} s",
         ])
     lines += [markdown_table(["criterion", "top-1 pruned", "top-1 fine-tuned", "MACs", "MACs cut", "params",
                               "latency (median)", "time"], rows), ""]

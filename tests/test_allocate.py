@@ -20,6 +20,7 @@ from pare.allocate import (
     search_order,
     uniform_order,
 )
+from pare.config import PruneConfig
 from pare.count import count
 from pare.criteria.base import Criterion, ScoreContext
 from pare.errors import BudgetError, ConfigError
@@ -119,7 +120,8 @@ def test_internal_only_on_resnet56_is_the_27_block_conv1_groups() -> None:
     # Residual groups (stem + stage outputs, zero-pad slices) are not internal.
     assert not is_internal(graph, graph.group("conv1"))
     assert not is_internal(graph, graph.group("layer2.0.conv2[0:8]"))
-    result = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.5), internal_only=True)
+    result = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.5),
+                   config=PruneConfig(internal_only=True))
     assert set(result.removals) == set(expected)
     assert result.residual_mode == "internal"
 
@@ -136,20 +138,21 @@ def test_internal_only_excludes_option_b_and_mobilenet_residuals() -> None:
 
 def test_protected_by_group_id_and_module_path() -> None:
     model = create("resnet56").eval()
-    res = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.3), allocation="uniform",
-                protected=("layer1", "layer3.0.conv1"), verify=False)
+    res = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.3),
+                config=PruneConfig(allocation="uniform", protected=("layer1", "layer3.0.conv1"), verify=False))
     assert not any(gid.startswith("layer1.") or gid == "layer3.0.conv1" for gid in res.removals)
     # The stem group has layer1 producers (every stage-1 conv2): protected through the module path too.
     assert "conv1" not in res.removals
     assert "layer2.1.conv1" in res.removals
     with pytest.raises(ConfigError, match="neither a group id nor a module"):
-        prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.3), protected=("nope",))
+        prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.3),
+              config=PruneConfig(protected=("nope",)))
 
 
 def test_round_to_and_min_channels() -> None:
     model = _model("resnet56")
-    res = prune(model, X32, criterion=WeightL1(), target=Budget(macs_reduction=0.4), round_to=8,
-                min_channels=8, verify=False)
+    res = prune(model, X32, criterion=WeightL1(), target=Budget(macs_reduction=0.4),
+                config=PruneConfig(round_to=8, min_channels=8, verify=False))
     for g in res.groups:
         kept = g["size"] - g["removed"]
         assert kept >= 8
@@ -162,8 +165,8 @@ def test_round_to_and_min_channels() -> None:
 
 def test_uniform_channel_ratio_uses_chip_kept_width() -> None:
     model = create("resnet56").eval()
-    res = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.4), allocation="uniform",
-                verify=False)
+    res = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.4),
+                config=PruneConfig(allocation="uniform", verify=False))
     for g in res.groups:
         assert g["size"] - g["removed"] == int(g["size"] * 0.6)
 
@@ -204,8 +207,8 @@ def test_uniform_order_prefix_is_uniform() -> None:
 def test_macs_target_within_half_a_point(name: str, x: torch.Tensor, allocation: str) -> None:
     model = _model(name)
     for target in (0.3, 0.5):
-        res = prune(model, x, criterion=WeightL1(), target=Budget(macs_reduction=target), allocation=allocation,
-                    verify=False)
+        res = prune(model, x, criterion=WeightL1(), target=Budget(macs_reduction=target),
+                    config=PruneConfig(allocation=allocation, verify=False))
         measured = 1 - count(res.model, x).macs / count(model, x).macs  # recount independently
         assert abs(measured - target) <= 0.005, (name, allocation, target, measured)
         assert res.macs_reduction == pytest.approx(measured)
@@ -213,7 +216,7 @@ def test_macs_target_within_half_a_point(name: str, x: torch.Tensor, allocation:
 
 def test_params_target_and_verify() -> None:
     model = create("resnet20").eval()
-    res = prune(model, X32, criterion=WeightL1(), target=Budget(params_reduction=0.5), verify=True)
+    res = prune(model, X32, criterion=WeightL1(), target=Budget(params_reduction=0.5), config=PruneConfig(verify=True))
     assert abs(res.params_reduction - 0.5) <= 0.005
     assert set(res.seconds) >= {"trace", "score", "allocate", "surgery", "count"}
 
@@ -221,8 +224,8 @@ def test_params_target_and_verify() -> None:
 def test_unreachable_target_raises_budget_error() -> None:
     model = create("resnet20").eval()
     with pytest.raises(BudgetError, match="cannot reach"):
-        prune(model, X32, criterion=WeightL1(), target=Budget(macs_reduction=0.6), internal_only=True,
-              protected=("layer1", "layer2"))
+        prune(model, X32, criterion=WeightL1(), target=Budget(macs_reduction=0.6),
+              config=PruneConfig(internal_only=True, protected=("layer1", "layer2")))
 
 
 def test_search_order_skips_overshooting_groups() -> None:
@@ -241,7 +244,7 @@ def test_search_order_skips_overshooting_groups() -> None:
 def test_sparsity_replay_vgg16_and_resnet50_match_the_zoo_exactly() -> None:
     for name, x, sp in [("vgg16_bn_cifar", X32, "[0.21]*7+[0.75]*5"), ("resnet50", X64, "[0.]+[0.1]*3+[0.3]*16")]:
         model = _model(name)
-        res = prune(model, x, criterion=WeightL1(), target=Budget(sparsity=sp), verify=False)
+        res = prune(model, x, criterion=WeightL1(), target=Budget(sparsity=sp), config=PruneConfig(verify=False))
         reference = count(create(name, num_classes=10, sparsity=sp), x)
         assert res.counts_after.macs == reference.macs
         assert res.counts_after.params == reference.params
@@ -252,7 +255,7 @@ def test_sparsity_replay_resnet56_and_coupled_groups() -> None:
     model = create("resnet56").eval()
     sp = "[0.]+[0.15]*2+[0.4]*27"
     assert count(create("resnet56", sparsity=sp), X32).macs == 65_168_128
-    res = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp), coupled="min")
+    res = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp), config=PruneConfig(coupled="min"))
     # Mid widths replay exactly; the coupled stem/stage-output groups keep every channel under "min", so the
     # result equals the zoo model with the stage-output entries set to 0 (73,360,000 MACs, not 65,168,128:
     # option A couples the stem with stage-1 outputs, and stage-1/2 outputs with slices of stage 2/3).
@@ -261,7 +264,8 @@ def test_sparsity_replay_resnet56_and_coupled_groups() -> None:
     assert any("conv1" in n for n in res.notes)
     widths = {g["id"]: g["size"] - g["removed"] for g in res.groups}
     assert widths["layer1.0.conv1"] == 9 and widths["layer2.0.conv1"] == 19 and widths["layer3.0.conv1"] == 38
-    first = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp), coupled="first", verify=False)
+    first = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp),
+                  config=PruneConfig(coupled="first", verify=False))
     assert first.counts_after.macs < res.counts_after.macs
     with pytest.raises(BudgetError, match="zoo models"):
         prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)), X32, criterion=WeightL1(),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import pare
-from pare.cli._common import Console, format_table, parse_flat_yaml, prepare_out_dir, read_config
+from pare.cli._common import Console, format_table, prepare_out_dir
+from pare.cli.config_file import read_config
 from pare.cli.main import build_parser, main
 from pare.errors import ConfigError
 from tests.conftest import shared_path
@@ -38,10 +39,18 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_run_replays_a_prune_record(pruned: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    replay = run_json(capsys, ["run", "--config", str(pruned / "metrics.json"), "--threads", "1"])
+    assert replay["config"] == metrics["config"]
+    for stage in ("dense", "pruned", "finetuned"):
+        assert replay["accuracy"][stage]["test"]["top1"] == metrics["accuracy"][stage]["top1"]
+
+
 def test_prune_writes_artifact_report_and_metrics(pruned: Path) -> None:
     metrics = json.loads((pruned / "metrics.json").read_text())
     assert metrics["criterion"] == "taylor"
-    assert metrics["budget"] == "reduce_macs=0.4"
+    assert metrics["budget"] == "macs_reduction=0.4"
     assert abs(metrics["reduction"]["macs_reduction"] - 0.4) <= 0.005
     assert metrics["counts_after"]["macs"] < metrics["counts_before"]["macs"]
     assert set(metrics["accuracy"]) == {"dense", "pruned", "finetuned"}
@@ -136,32 +145,20 @@ def test_config_file_with_command_line_override(tmp_path: Path, capsys: pytest.C
     as_json.write_text(json.dumps({"model": "small_cnn", "input_size": "1x8x8", "reduce-params": 0.2,
                                    "latency-runs": 0, "no_verify": True}))
     result = run_json(capsys, ["prune", "--config", str(as_json), "--out", str(tmp_path / "out2")])
-    assert result["budget"] == "reduce_params=0.2"
+    assert result["budget"] == "params_reduction=0.2"
     assert abs(result["reduction"]["params_reduction"] - 0.2) <= 0.005
 
 
-def test_flat_yaml_parser_matches_pyyaml() -> None:
-    text = "a: 1\nb: 0.5\nc: true\nd: 'x y'\ne: null\nf: cifar # comment\n# whole-line comment\n\ng: 1x8x8\n"
-    parsed = parse_flat_yaml(text)
-    assert parsed == {"a": 1, "b": 0.5, "c": True, "d": "x y", "e": None, "f": "cifar", "g": "1x8x8"}
-    yaml = pytest.importorskip("yaml")
-    assert parsed == yaml.safe_load(text)
-
-
-def test_read_config_without_pyyaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_yaml(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "yaml":
-            raise ImportError("no yaml here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_yaml)
+def test_read_config_yaml_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
-    path.write_text("criterion: fpgm\nreduce-macs: 0.5\n")
-    assert read_config(path) == {"criterion": "fpgm", "reduce-macs": 0.5}
+    path.write_text("criterion: fpgm\nreduce-macs: 0.5 # comment\ninput-size: 1x8x8\n")
+    assert read_config(path) == {"criterion": "fpgm", "reduce-macs": 0.5, "input-size": "1x8x8"}
+    path.write_text("criterion: [fpgm\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_config(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        read_config(path)
 
 
 def test_train_saves_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,20 +179,30 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert names == ["dense", *[c.name for c in list_criteria()]]
     for row in result["rows"][1:]:
         assert abs(row["macs_reduction"] - 0.5) <= 0.005
-        assert 0.0 <= row["top1"] <= 100.0 and row["latency"]["median_ms"] > 0
+        assert 0.0 <= row["top1"] <= 1.0 and row["latency"]["median_ms"] > 0
     assert result["plots"] == ["accuracy_vs_macs.png", "layer_widths.png"]
     assert set(result["widths"]) == set(names)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["rows"] == result["rows"]
     assert "| **dense** |" in (out / "report.md").read_text()
     assert (out / "models" / "chip.safetensors").is_file()
+    # Every row records its pipeline configuration; `pare run --config` replays it to the same figures (the
+    # demo runs on one thread, so the replay does too).
+    for name in ("taylor", "similarity"):
+        replay = run_json(capsys, ["run", "--config", str(out / "metrics.json"), "--row", name, "--threads", "1"])
+        row = next(r for r in result["rows"] if r["name"] == name)
+        assert replay["accuracy"]["pruned"]["test"]["top1"] == row["top1_before_finetune"]
+        assert replay["accuracy"]["finetuned"]["test"]["top1"] == row["top1"]
+        assert replay["reduction"]["macs_reduction"] == row["macs_reduction"]
+    assert main([*QUIET, "run", "--config", str(out / "metrics.json")]) == 2
+    assert "pick one with --row" in capsys.readouterr().err
 
 
 def test_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pare import report
 
     monkeypatch.setattr(report, "plotting_unavailable", lambda: "matplotlib is not installed (test)")
-    record: dict[str, Any] = {"rows": [{"name": "dense", "macs": 10, "params": 5, "top1": 90.0}],
+    record: dict[str, Any] = {"rows": [{"name": "dense", "macs": 10, "params": 5, "top1": 0.9}],
                               "widths": {"dense": {"conv": 4}}, "command": "pare demo"}
     report.write_demo_report(tmp_path, record)
     assert record["plots"] == [] and "Plots were skipped: matplotlib is not installed" in (
@@ -214,7 +221,7 @@ def test_global_flags_before_or_after_the_subcommand(capsys: pytest.CaptureFixtu
         assert main(argv) == 0
         assert "criteria" in json.loads(capsys.readouterr().out)
     _, commands = build_parser()
-    assert set(commands) == {"demo", "prune", "train", "eval", "count", "export", "bench", "criteria"}
+    assert set(commands) == {"demo", "prune", "run", "train", "eval", "count", "export", "bench", "criteria"}
 
 
 def test_progress_is_off_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,4 +253,4 @@ def test_eval_akamaster_resnet20_on_lossless_cifar(capsys: pytest.CaptureFixture
                                "--normalization", "imagenet", "--threads", "1"])
     # akamaster reports 91.73% on the full test set; the first 932 test images give a figure close to it.
     assert result["metrics"]["n"] == 932
-    assert 88.0 <= result["metrics"]["top1"] <= 95.0
+    assert 0.88 <= result["metrics"]["top1"] <= 0.95

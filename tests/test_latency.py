@@ -13,12 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from pare.allocate import Budget, max_macs_reduction, prune_to_latency
+from pare.allocate import Budget
+from pare.config import PruneConfig
 from pare.count import count
 from pare.errors import BudgetError, ConfigError
 from pare.latency import Latency, compare_latency, measure_latency
 from pare.models import create
 from pare.prune import prune
+from pare.prune_latency import max_macs_reduction, prune_to_latency
 
 X32 = torch.zeros(1, 3, 32, 32)
 
@@ -118,7 +120,8 @@ def test_compare_latency_onnxruntime() -> None:
 
 def test_prune_to_latency_proportional_to_macs_hits_target() -> None:
     model = _resnet20()
-    res = prune_to_latency(model, X32, reduction=0.4, measure=_macs_latency(0.0), tolerance=0.02, verify=False)
+    res = prune_to_latency(model, X32, reduction=0.4, measure=_macs_latency(0.0), tolerance=0.02,
+                           config=PruneConfig(verify=False))
     lat = res.latency
     assert lat is not None
     assert lat["target"] == 0.4 and lat["backend"] == "custom" and lat["within_tolerance"]
@@ -136,7 +139,7 @@ def test_prune_to_latency_searches_past_a_fixed_overhead() -> None:
     # too slow and the search must extrapolate, then bracket.
     model = _resnet20()
     measure = _macs_latency(10.0)
-    res = prune_to_latency(model, X32, reduction=0.4, measure=measure, tolerance=0.01, verify=False)
+    res = prune_to_latency(model, X32, reduction=0.4, measure=measure, tolerance=0.01, config=PruneConfig(verify=False))
     lat = res.latency
     assert lat is not None and len(lat["searched"]) >= 2
     assert abs(lat["measured_reduction"] - 0.4) <= 0.01
@@ -149,16 +152,18 @@ def test_prune_to_latency_unreachable_target() -> None:
     model = _resnet20()
     # With 100 ms of overhead the largest pruning cannot remove 60% of the time.
     with pytest.raises(BudgetError, match=r"cannot cut latency by 60\.0%"):
-        prune_to_latency(model, X32, reduction=0.6, measure=_macs_latency(100.0), verify=False)
+        prune_to_latency(model, X32, reduction=0.6, measure=_macs_latency(100.0), config=PruneConfig(verify=False))
     # Reachable, but not in one step: the first guess (latency proportional to MACs) is too slow.
     with pytest.raises(BudgetError, match="within 1 steps"):
-        prune_to_latency(model, X32, reduction=0.4, measure=_macs_latency(10.0), max_steps=1, verify=False)
+        prune_to_latency(model, X32, reduction=0.4, measure=_macs_latency(10.0), max_steps=1,
+                         config=PruneConfig(verify=False))
 
 
 def test_prune_to_latency_real_timing_path() -> None:
     # A zero target returns the first (unpruned) candidate whatever the timings, so this exercises the real
     # measurement path without depending on how fast or loaded the machine is.
-    res = prune_to_latency(_resnet20(), X32, reduction=0.0, runs=2, warmup=0, rounds=1, threads=1, verify=False)
+    res = prune_to_latency(_resnet20(), X32, reduction=0.0, runs=2, warmup=0, rounds=1, threads=1,
+                           config=PruneConfig(verify=False))
     lat = res.latency
     assert lat is not None and lat["backend"] == "eager" and len(lat["searched"]) == 1
     for key in ("before", "after"):
@@ -168,13 +173,11 @@ def test_prune_to_latency_real_timing_path() -> None:
 
 def test_prune_to_latency_zero_target_and_bad_arguments() -> None:
     model = _resnet20()
-    res = prune_to_latency(model, X32, reduction=0.0, measure=_macs_latency(0.0), verify=False)
+    res = prune_to_latency(model, X32, reduction=0.0, measure=_macs_latency(0.0), config=PruneConfig(verify=False))
     assert res.latency is not None and res.macs_reduction == pytest.approx(0.0, abs=0.005)
     for bad in (-0.1, 1.0, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="reduction"):
             prune_to_latency(model, X32, reduction=bad, measure=_macs_latency(0.0))
-    with pytest.raises(ConfigError, match="target"):
-        prune_to_latency(model, X32, reduction=0.3, measure=_macs_latency(0.0), target=Budget(macs_reduction=0.3))
     with pytest.raises(ConfigError, match="backend"):
         prune_to_latency(model, X32, reduction=0.3, backend="tvm")
     with pytest.raises(ConfigError, match="needs calibration data"):
@@ -183,11 +186,11 @@ def test_prune_to_latency_zero_target_and_bad_arguments() -> None:
 
 def test_prune_to_latency_respects_constraints() -> None:
     model = _resnet20()
-    cap = max_macs_reduction(model, X32, round_to=8, min_channels=8)
+    cap = max_macs_reduction(model, X32, PruneConfig(round_to=8, min_channels=8))
     assert 0.5 < cap < 1.0
     assert cap < max_macs_reduction(model, X32)
-    res = prune_to_latency(model, X32, reduction=0.3, measure=_macs_latency(0.0), round_to=8, min_channels=8,
-                           allocation="uniform", verify=False)
+    res = prune_to_latency(model, X32, reduction=0.3, measure=_macs_latency(0.0),
+                           config=PruneConfig(round_to=8, min_channels=8, allocation="uniform", verify=False))
     assert res.macs_reduction > 0.2
     for name, m in res.model.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -202,8 +205,8 @@ def test_round_to_gives_multiples_in_every_pruned_group(name: str, allocation: s
     are documented to stay unrounded), checked on the plan and on the physical widths after surgery."""
     torch.manual_seed(0)
     model = create(name).eval()
-    res = prune(model, X32, target=Budget(macs_reduction=0.5), round_to=round_to, allocation=allocation,
-                verify=False)
+    res = prune(model, X32, target=Budget(macs_reduction=0.5),
+                config=PruneConfig(round_to=round_to, allocation=allocation, verify=False))
     rounded = [g for g in res.groups if g["removed"] and g["size"] >= 2 * round_to]
     assert rounded, "nothing was pruned"
     for g in rounded:

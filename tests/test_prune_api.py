@@ -9,6 +9,7 @@ from torch import nn
 
 from pare.allocate import Budget
 from pare.compensate import compensate, consumers
+from pare.config import PruneConfig, RepairConfig
 from pare.count import count
 from pare.criteria.base import Criterion, ScoreContext
 from pare.errors import ConfigError
@@ -71,7 +72,8 @@ def test_prune_result_fields_and_counts() -> None:
 def test_chip_convention_is_used_on_both_sides() -> None:
     model = create("resnet20").eval()
     x = torch.randn(1, 3, 32, 32)
-    res = prune(model, x, criterion=FirstChannels(), target=Budget(macs_reduction=0.3), convention="chip")
+    res = prune(model, x, criterion=FirstChannels(), target=Budget(macs_reduction=0.3),
+                config=PruneConfig(convention="chip"))
     assert res.counts_before.convention == res.counts_after.convention == "chip"
     assert abs(res.macs_reduction - 0.3) <= 0.005
 
@@ -81,12 +83,15 @@ def test_data_requirements_are_named() -> None:
     x = torch.randn(1, 3, 12, 12)
     with pytest.raises(ConfigError, match="test_needs_data"):
         prune(model, x, criterion=NeedsData(), target=Budget(channel_ratio=0.25))
-    with pytest.raises(ConfigError, match="compensate"):
-        prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.25), compensate=True)
+    with pytest.raises(ConfigError, match="compensation"):
+        prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.25),
+              repair=RepairConfig(recalibrate=True, compensate=True))
     with pytest.raises(ConfigError, match="recalibration"):
-        prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.25), recalibrate=2)
+        prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.25),
+              repair=RepairConfig(recalibrate=True, recalibrate_batches=2))
     with pytest.raises(ConfigError, match="allocation"):
-        prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.25), allocation="greedy")
+        prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.25),
+              config=PruneConfig(allocation="greedy"))
     res = prune(model, x, criterion=NeedsData(), target=Budget(channel_ratio=0.25), data=_data(1))
     assert res.removals
 
@@ -147,8 +152,8 @@ def test_prune_with_compensation_and_recalibration() -> None:
     model = _toy()
     x = torch.randn(1, 3, 12, 12)
     data = _data(3)
-    res = prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.5), allocation="uniform",
-                data=data, compensate=True)
+    res = prune(model, x, criterion=FirstChannels(), target=Budget(channel_ratio=0.5), data=data,
+                config=PruneConfig(allocation="uniform"), repair=RepairConfig(recalibrate=True, compensate=True))
     assert res.compensation and all(v["after"] <= v["before"] for v in res.compensation.values())
     assert {"compensate", "recalibrate"} <= set(res.seconds)
     bn = res.model[1]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import pare
+from pare.config import PruneConfig
 from pare.criteria import ScoreContext, get_criterion
 from pare.criteria.recon import obs_block_costs, obs_remove
 
@@ -96,8 +97,8 @@ def test_prune_with_recon_end_to_end() -> None:
     x = data[0][0][:1]
     with pytest.raises(pare.ConfigError, match="recon"):
         pare.prune(model, x, criterion="recon", target=pare.Budget(macs_reduction=0.3))
-    res = pare.prune(model, x, criterion="recon", target=pare.Budget(macs_reduction=0.3), data=data,
-                     allocation="uniform", internal_only=True)
+    res = pare.prune(model, x, criterion='recon', target=pare.Budget(macs_reduction=0.3), data=data,
+                     config=PruneConfig(allocation="uniform", internal_only=True))
     assert abs(res.macs_reduction - 0.3) <= 0.005 and res.criterion == "recon"
     assert res.model(data[0][0]).shape == (8, 10)
     with pytest.raises(pare.ConfigError, match="ridge"):

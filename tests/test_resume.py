@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from pare.errors import CheckpointError
 from pare.train import Recipe, fit, load_checkpoint
 from pare.train import checkpoint as checkpoint_module
+from pare.train.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 8
@@ -89,7 +90,7 @@ def make_recipe() -> Recipe:
     )
 
 
-class Sleep:
+class Sleep(Hook):
     """Slows the worker down so the parent can kill it mid-run; touches no state."""
 
     def __init__(self, seconds: float):
@@ -103,7 +104,7 @@ class Interrupt(Exception):
     pass
 
 
-class InterruptAt:
+class InterruptAt(Hook):
     """Raises after global step ``step`` (1-based) or at the start of epoch ``epoch``, like a crash."""
 
     def __init__(self, step: int | None = None, epoch: int | None = None):

@@ -20,6 +20,7 @@ import pare
 from pare.errors import ConfigError
 from pare.methods.soft_prune import SoftPruneHook, soft_scores
 from pare.train import Recipe, fit
+from pare.train.hooks import Hook
 
 X = torch.randn(1, 3, 8, 8)
 
@@ -96,7 +97,7 @@ def test_zeroed_filters_keep_training_inside_fit(tmp_path: Path) -> None:
     hook = SoftPruneHook(pare.trace(model, X), 0.5)
     seen: list[list[int]] = []
 
-    class Probe:
+    class Probe(Hook):
         # Runs before the soft-pruning hook's on_epoch_end: the state right after an epoch of training.
         def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
             seen.append(zero_rows(model, "0"))

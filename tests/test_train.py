@@ -27,7 +27,9 @@ from pare.train import (
     lr_at,
 )
 from pare.train.distributed import DistContext
-from pare.train.trainer import _show_progress, _task_loss
+from pare.train.hooks import Hook
+from pare.train.step import task_loss_of
+from pare.train.trainer import _show_progress
 
 # -------------------- fixtures
 
@@ -187,8 +189,8 @@ def test_task_loss_label_smoothing_and_distillation_formula() -> None:
     p_teacher = F.softmax(teacher / 2.0, dim=1)
     kl = (p_teacher * (p_teacher.log() - F.log_softmax(student / 2.0, dim=1))).sum(dim=1).mean()
     expected = 0.7 * hard + 0.3 * 4.0 * kl
-    assert _task_loss(student, labels, teacher, recipe).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert _task_loss(student, labels, None, recipe).item() == pytest.approx(hard.item(), rel=1e-6)
+    assert task_loss_of(student, labels, teacher, recipe).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert task_loss_of(student, labels, None, recipe).item() == pytest.approx(hard.item(), rel=1e-6)
 
 
 def test_no_decay_bn_bias_groups() -> None:
@@ -218,7 +220,7 @@ def test_fit_learns_logs_and_selects_on_val_only(tmp_path: Path) -> None:
     assert result.final_val_acc == val_accs[-1] > 0.8  # the rule is learnable
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # Reported test accuracy is the final-epoch model's, computed once at the end.
-    assert result.test_acc == pytest.approx(evaluate(model, test)["top1"] / 100)
+    assert result.test_acc == pytest.approx(evaluate(model, test)["top1"])
     assert result.test_acc_best_val is None
     assert (tmp_path / "checkpoint.pt").is_file()
 
@@ -228,7 +230,7 @@ def test_keep_best_restores_best_val_weights() -> None:
     model = make_model()
     snapshots: list[dict[str, torch.Tensor]] = []
 
-    class Snapshot:
+    class Snapshot(Hook):
         def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
             if epoch > 0:
                 snapshots.append(weights(model))
@@ -239,8 +241,8 @@ def test_keep_best_restores_best_val_weights() -> None:
     if result.best_val_epoch < len(snapshots):
         best = snapshots[result.best_val_epoch]
         assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
-    assert evaluate(model, val)["top1"] / 100 == pytest.approx(result.best_val_acc)
-    assert result.test_acc_best_val == pytest.approx(evaluate(model, test)["top1"] / 100)
+    assert evaluate(model, val)["top1"] == pytest.approx(result.best_val_acc)
+    assert result.test_acc_best_val == pytest.approx(evaluate(model, test)["top1"])
 
 
 def test_hooks_are_called_with_current_lr_and_can_regularise() -> None:
@@ -248,7 +250,7 @@ def test_hooks_are_called_with_current_lr_and_can_regularise() -> None:
     calls: dict[str, list[Any]] = {"epoch": [], "lr": [], "grad": []}
     recipe = small_recipe(epochs=2, schedule="chip", warmup_epochs=1)
 
-    class Recorder:
+    class Recorder(Hook):
         def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
             calls["epoch"].append(epoch)
 
@@ -354,6 +356,22 @@ def test_custom_reiterable_loader_with_set_epoch() -> None:
     assert result.epochs_completed == 3
 
 
+def test_hooks_are_typed_and_fit_leaves_the_global_rng_alone() -> None:
+    train, val, _ = loaders()
+
+    class Misspelt:  # not a Hook: after_stpe would never be called
+        def after_stpe(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None: ...
+
+    with pytest.raises(ConfigError, match=r"Misspelt does not implement pare\.train\.TrainHook"):
+        fit(make_model(), train, val, small_recipe(epochs=1), hooks=[Misspelt()])
+    model = make_model()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(model, train, val, small_recipe(epochs=1))
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream continues where it was
+
+
 def test_bad_inputs_raise_pare_errors() -> None:
     train, val, _ = loaders()
     with pytest.raises(ConfigError, match="batch must be"):
@@ -367,7 +385,7 @@ def test_bad_inputs_raise_pare_errors() -> None:
     with pytest.raises(ConfigError, match="device"):
         fit(make_model(), train, val, small_recipe(), device="tpu:0")
 
-    class Explode:
+    class Explode(Hook):
         def on_loss(self, model: nn.Module, loss: torch.Tensor, batch: Any) -> torch.Tensor:
             return loss * float("nan")
 
@@ -393,7 +411,7 @@ def test_teacher_copy_gives_zero_soft_loss() -> None:
     with torch.no_grad():
         logits = teacher(images)
     recipe = Recipe(distill_alpha=1.0, distill_temperature=3.0)
-    assert _task_loss(logits, torch.zeros(8, dtype=torch.long), logits, recipe).item() == pytest.approx(
+    assert task_loss_of(logits, torch.zeros(8, dtype=torch.long), logits, recipe).item() == pytest.approx(
         0.0, abs=1e-6
     )
 
@@ -402,7 +420,7 @@ def test_on_epoch_end_runs_after_training_and_before_validation() -> None:
     train, val, _ = loaders()
     calls: list[tuple[str, int]] = []
 
-    class ZeroHead:
+    class ZeroHead(Hook):
         def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
             calls.append(("start", epoch))
 

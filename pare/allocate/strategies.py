@@ -6,12 +6,12 @@ criterion's own :meth:`~pare.criteria.base.Criterion.select`.
 * ``uniform``: every eligible group loses the same fraction of its channels (:func:`uniform_order`).
 * ``global``: all channels of all eligible groups are ranked by a normalised score and the lowest go
   (:func:`global_order`).
-* sparsity strings: the official CHIP/HRank per-layer ratios replayed on zoo models (:func:`sparsity_plan`).
+* sparsity strings: per-producer ratios (what they mean is the model family's knowledge,
+  :func:`pare.models.sparsity.producer_ratios`) turned into per-group counts (:func:`sparsity_plan`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
+from pare.criteria.base import Criterion, ScoreContext
 from pare.errors import BudgetError, ConfigError, PruneError
 from pare.graph import ChannelGraph, Group
 from pare.graph import rules as graph_rules
@@ -249,8 +250,8 @@ def ratio_plan(groups: Sequence[Group], allowed: Mapping[str, Sequence[int]], ra
     return plan
 
 
-def select_indices(criterion: object, ctx: object, groups: Sequence[Group], scores: Mapping[str, np.ndarray],
-                   plan: Mapping[str, int]) -> dict[str, list[int]]:
+def select_indices(criterion: Criterion, ctx: ScoreContext, groups: Sequence[Group],
+                   scores: Mapping[str, np.ndarray], plan: Mapping[str, int]) -> dict[str, list[int]]:
     """Turn counts into channel indices with ``criterion.select`` and check what it returns."""
     by_id = {g.id: g for g in groups}
     removals: dict[str, list[int]] = {}
@@ -258,7 +259,7 @@ def select_indices(criterion: object, ctx: object, groups: Sequence[Group], scor
         if n <= 0:
             continue
         g = by_id[gid]
-        idx = np.asarray(criterion.select(ctx, g, np.asarray(scores[gid], dtype=np.float64), n))  # type: ignore[attr-defined]
+        idx = np.asarray(criterion.select(ctx, g, np.asarray(scores[gid], dtype=np.float64), n))
         if idx.size != n or np.unique(idx).size != n:
             raise PruneError(f"criterion selected {idx.size} distinct channels of group '{gid}', expected {n}")
         removals[gid] = sorted(int(i) for i in idx)
@@ -268,78 +269,20 @@ def select_indices(criterion: object, ctx: object, groups: Sequence[Group], scor
 # -- sparsity strings (CHIP/HRank configurations) ---------------------------------------------------------------
 
 
-def _cifar_resnet_map(model: nn.Module, ratios: Sequence[float], blocks: int) -> dict[str, float]:
-    """Producer module -> ratio for CIFAR ResNets (§1.4): stem, stage-1/2 outputs (stage 3: 0), mids."""
-    out = {"conv1": ratios[0]}
-    stage_out = (ratios[1], ratios[2], 0.0)
-    for name, _ in model.named_modules():
-        m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv1|conv2|shortcut\.0)", name)
-        if not m:
-            continue
-        stage, block = int(m.group(1)) - 1, int(m.group(2))
-        out[name] = ratios[3 + stage * blocks + block] if m.group(3) == "conv1" else stage_out[stage]
-    return out
-
-
-def _vgg_map(model: nn.Module, ratios: Sequence[float]) -> dict[str, float]:
-    convs = [n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d)]
-    return {name: (ratios[i] if i < len(ratios) else 0.0) for i, name in enumerate(convs)}
-
-
-def _resnet50_map(model: nn.Module, ratios: Sequence[float]) -> dict[str, float]:
-    out = {"conv1": ratios[0]}
-    stage_out = (ratios[1], ratios[2], ratios[3], 0.0)
-    block_index = -1
-    last = None
-    for name, _ in model.named_modules():
-        m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv1|conv2|conv3|downsample\.0)", name)
-        if not m:
-            continue
-        stage = int(m.group(1)) - 1
-        if (stage, m.group(2)) != last:
-            block_index, last = block_index + 1, (stage, m.group(2))
-        out[name] = ratios[4 + block_index] if m.group(3) in ("conv1", "conv2") else stage_out[stage]
-    return out
-
-
-SPARSITY_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16_bn_cifar", "resnet50")
-
-
-def producer_ratios(model: nn.Module, sparsity: str | Sequence[float], model_name: str | None = None
-                    ) -> dict[str, float]:
-    """Per producer module path, the CHIP/HRank ratio that the sparsity string assigns (methods.md §1.4).
-
-    ``model_name`` defaults to the zoo name recorded by :func:`pare.models.create` (``model.pare_zoo``).
-    """
-    from pare.models.sparsity import resolve_sparsity
-
-    name = model_name or getattr(model, "pare_zoo", {}).get("name")
-    if name not in SPARSITY_MODELS:
-        raise BudgetError(
-            f"sparsity strings have semantics only for zoo models {', '.join(SPARSITY_MODELS)}; got {name!r} "
-            "(build the model with pare.models.create or pass model_name)"
-        )
-    if name == "vgg16_bn_cifar":
-        return _vgg_map(model, resolve_sparsity(sparsity, 12, name))
-    if name == "resnet50":
-        return _resnet50_map(model, resolve_sparsity(sparsity, 20, name))
-    blocks = (int(name[len("resnet"):]) - 2) // 6
-    return _cifar_resnet_map(model, resolve_sparsity(sparsity, 3 + 3 * blocks, name), blocks)
-
-
 def sparsity_plan(
     graph: ChannelGraph,
     groups: Sequence[Group],
-    sparsity: str | Sequence[float],
+    ratios: Mapping[str, float],
     *,
-    model_name: str | None = None,
     coupled: str = "min",
 ) -> tuple[dict[str, int], list[str]]:
     """Replay a CHIP/HRank sparsity string through the engine: ``({gid: n_remove}, notes)``.
 
-    Each group gets the ratio of its producers; the kept count is ``int(size * (1 - p))`` as in the official
-    code. A group whose producers carry different ratios is a coupled residual group (option-A shortcuts tie
-    the stem, every stage output and the zero-padded slices of later stages into one group): ``coupled``
+    ``ratios``: producer module path -> ratio, as the model's family maps the string
+    (:func:`pare.models.sparsity.producer_ratios`). Each group gets the ratio of its producers; the kept
+    count is ``int(size * (1 - p))`` as in the official code. A group whose producers carry different ratios
+    is a coupled residual group (option-A shortcuts tie the stem, every stage output and the zero-padded
+    slices of later stages into one group): ``coupled``
     chooses ``"min"`` (the most conservative: a channel the official model keeps in any layer is kept),
     ``"max"`` or ``"first"`` (the ratio of the group's first producer). Each such group is reported in the
     notes, because the engine cannot give the stem and the stage outputs different widths the way CHIP's
@@ -347,7 +290,6 @@ def sparsity_plan(
     """
     if coupled not in COUPLED_POLICIES:
         raise ConfigError(f"unknown coupled policy '{coupled}'; choose from {', '.join(COUPLED_POLICIES)}")
-    ratios = producer_ratios(graph.model, sparsity, model_name)
     plan: dict[str, int] = {}
     notes: list[str] = []
     for g in groups:

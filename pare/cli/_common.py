@@ -1,5 +1,5 @@
-"""Shared pieces of the ``pare`` subcommands: argument groups, console output, model/data loading,
-normalisation, output folders and the ``--config`` file.
+"""Shared pieces of the ``pare`` subcommands: argument groups, console output, output folders, and thin bridges
+from flags to the library's loaders (:mod:`pare.pipeline.stages`). Options files: :mod:`pare.cli.config_file`.
 
 The CLI stays thin: everything here parses, loads or formats; the work itself is done by library calls.
 """
@@ -7,7 +7,6 @@ The CLI stays thin: everything here parses, loads or formats; the work itself is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import json
 import os
@@ -15,18 +14,18 @@ import re
 import shlex
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pare.checks import check_given_input_size
 from pare.cli._outdir import make_out_dir
+from pare.data import Normalization
 from pare.errors import CheckpointError, ConfigError, DataError
+from pare.pipeline.stages import LoadedModel
 
-BUDGET_DESTS = ("reduce_macs", "reduce_params", "channel_ratio", "sparsity", "reduce_latency")
 NORMALIZATIONS = ("cifar", "imagenet", "mnist", "none")
 
 
@@ -220,44 +219,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # -------------------------------------------------------------------------------------------------- model
-@dataclass
-class LoadedModel:
-    """A model from the zoo (optionally with a checkpoint) or from a pare artifact."""
-
-    model: nn.Module
-    label: str
-    source: str  # "zoo" or "artifact"
-    path: str | None = None  # artifact or weights file
-    sha256: str | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def recorded_input_shape(self) -> tuple[int, int, int] | None:
-        shape = self.provenance.get("input_shape")
-        return tuple(int(v) for v in shape) if isinstance(shape, list) and len(shape) == 3 else None  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        zoo = getattr(self.model, "pare_zoo", None)
-        return {"name": self.label, "source": self.source, "path": self.path, "sha256": self.sha256,
-                "zoo": zoo}
-
-
-def is_artifact_path(spec: str) -> bool:
-    """A model argument names a file (artifact) rather than a zoo model when it exists or looks like a path."""
-    return Path(spec).exists() or os.sep in spec or spec.endswith((".safetensors", ".th", ".pt", ".pth"))
-
-
 def add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
     group = parser.add_argument_group("model")
     if weights:
@@ -279,34 +241,15 @@ def load_model(
     weights: str | None = None,
     num_classes: int | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    seed: int = 0,
 ) -> LoadedModel:
-    """``spec`` is a pare artifact file or a zoo name (+ optional ``weights``)."""
-    import pare
-    from pare.io import sha256_file
-    from pare.models import create
+    """``spec`` is a pare artifact file or a zoo name (+ optional ``weights``), loaded by
+    :func:`pare.pipeline.stages.load_model`."""
+    from pare.config import ModelConfig
+    from pare.pipeline.stages import load_model as load
 
-    if is_artifact_path(spec):
-        path = Path(spec)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such model file (give a pare artifact or a zoo model name)")
-        if weights is not None:
-            raise ConfigError("--weights cannot be combined with an artifact, which holds its own weights")
-        try:
-            meta = pare.read_metadata(path)
-        except CheckpointError as exc:
-            if str(exc).startswith(f"{path}: artifact "):  # a pare artifact that breaks the schema: no hint
-                raise
-            raise CheckpointError(
-                f"{exc}; to load a checkpoint, give the zoo model name and --weights {path}"
-            ) from None
-        model = pare.load(path)
-        return LoadedModel(model, str(path), "artifact", str(path), sha256_file(path), meta["provenance"])
-    model = create(spec, num_classes=num_classes, **dict(options))
-    loaded = LoadedModel(model, spec, "zoo")
-    if weights is not None:
-        info = pare.load_checkpoint(model, weights)
-        loaded.path, loaded.sha256 = str(weights), info.get("sha256")
-    return loaded
+    return load(ModelConfig(name=spec, weights=weights, options=dict(options), num_classes=num_classes,
+                            init_seed=seed))
 
 
 def example_inputs(shape: tuple[int, int, int], batch: int = 1, device: torch.device | None = None) -> torch.Tensor:
@@ -320,8 +263,10 @@ def pick_input_shape(
     loaded: LoadedModel | None = None,
     dataset: Any = None,
 ) -> tuple[int, int, int]:
-    """--input-size, else the data set's image size, else the artifact's recorded one; ConfigError if none,
-    or if --input-size disagrees with the data or does not fit the model."""
+    """--input-size, else the data set's image size, else the artifact's recorded one, else the model family's;
+    ConfigError if none."""
+    from pare.models import get_entry
+
     if given is not None:
         check_given_input_size(given, loaded.model if loaded is not None else None,
                                None if dataset is None else dataset.images.shape[1:])
@@ -330,6 +275,10 @@ def pick_input_shape(
         return tuple(int(v) for v in dataset.images.shape[1:])  # type: ignore[return-value]
     if loaded is not None and loaded.recorded_input_shape is not None:
         return loaded.recorded_input_shape
+    zoo = getattr(loaded.model, "pare_zoo", None) if loaded is not None else None
+    family = get_entry(zoo["name"]).preprocessing.input_size if isinstance(zoo, dict) else None
+    if family is not None:
+        return family
     raise ConfigError("cannot tell the input size: pass --input-size CxHxW (e.g. 3x32x32) or --data")
 
 
@@ -340,8 +289,8 @@ def add_data_options(parser: argparse.ArgumentParser, *, required: bool = False)
                        help="data set: CIFAR-10/100 pickle or binary folder, MNIST IDX folder, image folder with "
                        "train/ and test/, JPEG tarball (or its folder), lossless npz, or the name 'digits'")
     group.add_argument("--normalization", choices=NORMALIZATIONS,
-                       help="per-channel normalisation preset (default: recorded in the artifact, else cifar for "
-                       "3-channel and mnist for 1-channel data); akamaster checkpoints need imagenet")
+                       help="per-channel normalisation preset (default: recorded in the artifact, else the one the "
+                       "model family's weights expect, e.g. imagenet for the akamaster CIFAR ResNets)")
     group.add_argument("--mean", type=float_list, metavar="M1,M2,M3", help="override the preset's mean")
     group.add_argument("--std", type=float_list, metavar="S1,S2,S3", help="override the preset's std")
     group.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
@@ -360,149 +309,16 @@ def check_paths(args: argparse.Namespace) -> None:
         raise DataError(f"--data {data}: no such file or folder (nor one of the names {', '.join(KNOWN_NAMES)})")
 
 
-def load_split(data: str, split: str) -> Any:
-    """``pare.data.load_dataset(data, split)``; low-level read errors become one DataError naming the path."""
-    import tarfile
-    import zipfile
+def normalization(args: argparse.Namespace, spec: str, loaded: LoadedModel | None = None) -> Normalization:
+    """--normalization (with --mean/--std overrides), else the artifact's recorded one (``loaded``), else the
+    preprocessing of the zoo model ``spec``'s family (:func:`pare.pipeline.stages.resolve_normalization`)."""
+    from pare.config import DataConfig, ModelConfig
+    from pare.pipeline.stages import resolve_normalization
 
-    from pare.data import load_dataset
-    from pare.errors import PareError
-
-    try:
-        return load_dataset(data, split)
-    except PareError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
-        message = " ".join(str(exc).split())
-        raise DataError(f"--data {data}: cannot read the {split} split ({type(exc).__name__}: {message})") from exc
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """How uint8 images become model inputs: x/255, then (x - mean) / std per channel (None: no shift)."""
-
-    name: str
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    custom: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "mean": list(self.mean) if self.mean else None,
-                "std": list(self.std) if self.std else None}
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> float32 normalised (N, C, H, W)."""
-        x = images.to(torch.float32) / 255.0
-        if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-            std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-            x = (x - mean) / std
-        return x
-
-
-def resolve_normalization(
-    args: argparse.Namespace, channels: int, recorded: dict[str, Any] | None = None
-) -> Normalization:
-    """--normalization (else the artifact's recorded one, else by channel count) with --mean/--std overrides."""
-    from pare.data import NORMALIZATION
-
-    mean_override, std_override = getattr(args, "mean", None), getattr(args, "std", None)
-    name = getattr(args, "normalization", None)
-    if name is None and recorded and not (mean_override or std_override):
-        mean, std = recorded.get("mean"), recorded.get("std")
-        return Normalization(str(recorded.get("name", "recorded")), tuple(mean) if mean else None,
-                             tuple(std) if std else None, custom=True)
-    if name is None:
-        name = "mnist" if channels == 1 else "cifar"
-    stats = NORMALIZATION[name]
-    mean, std = (tuple(stats[0]), tuple(stats[1])) if stats else (None, None)
-    if mean_override:
-        mean = tuple(mean_override)
-    if std_override:
-        std = tuple(std_override)
-    if (mean is None) != (std is None):
-        raise ConfigError("--mean and --std must be given together with --normalization none")
-    for what, values in (("mean", mean), ("std", std)):
-        if values is not None and len(values) != channels:
-            raise ConfigError(f"normalization {what} has {len(values)} values but the images have {channels} "
-                              "channels")
-    if std is not None and any(s <= 0 for s in std):
-        raise ConfigError(f"normalization std values must be > 0, got {list(std)}")
-    return Normalization(name, mean, std, custom=bool(mean_override or std_override))
-
-
-class NormalizedLoader:
-    """Wraps an :class:`pare.data.InMemoryLoader` built with ``normalization="none"`` (x/255) and applies an
-    arbitrary per-channel mean/std; forwards ``len`` and ``set_epoch``."""
-
-    def __init__(self, loader: Any, norm: Normalization) -> None:
-        self.loader, self.norm = loader, norm
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        mean = torch.tensor(self.norm.mean, dtype=torch.float32).view(1, -1, 1, 1) if self.norm.mean else None
-        std = torch.tensor(self.norm.std, dtype=torch.float32).view(1, -1, 1, 1) if self.norm.std else None
-        for images, labels in self.loader:
-            if mean is not None and std is not None:
-                images = (images - mean.to(images.device)) / std.to(images.device)
-            yield images, labels
-
-
-def make_loader(
-    dataset: Any,
-    batch_size: int,
-    norm: Normalization,
-    *,
-    shuffle: bool = False,
-    augment: str | None = None,
-    seed: int = 0,
-) -> Any:
-    """Batches (float32 (B, C, H, W), int64 (B,)) of an in-memory data set, normalised by ``norm``."""
-    from pare.data import NORMALIZATION, InMemoryLoader
-
-    preset = NORMALIZATION.get(norm.name, False)
-    matches_preset = preset is not False and (
-        (preset is None and norm.mean is None) or (preset is not None and tuple(preset[0]) == norm.mean
-                                                     and tuple(preset[1]) == norm.std)
-    )
-    if matches_preset:
-        return InMemoryLoader(dataset, batch_size, shuffle=shuffle, augment=augment, normalization=norm.name,
-                              seed=seed)
-    inner = InMemoryLoader(dataset, batch_size, shuffle=shuffle, augment=augment, normalization="none", seed=seed)
-    return NormalizedLoader(inner, norm)
-
-
-def calibration(dataset: Any, n_images: int, batch_size: int, norm: Normalization, seed: int) -> list[Any]:
-    """The seeded calibration sample (:func:`pare.data.calibration_batches`) normalised by ``norm``."""
-    from pare.data import calibration_batches
-
-    if n_images > len(dataset):
-        raise DataError(f"--calib-images {n_images} is more than the {len(dataset)} training images available")
-    batches = calibration_batches(dataset, n_images, batch_size, seed=seed, normalization="none")
-    if norm.mean is None:
-        return batches
-    mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return [((images - mean) / std, labels) for images, labels in batches]
-
-
-def default_augment(dataset: Any) -> str | None:
-    """CIFAR-style crop+flip for colour images of at least 32x32; none for digits/MNIST (flips change digits)."""
-    _, c, h, w = dataset.images.shape
-    return "cifar" if c == 3 and min(h, w) >= 32 else None
-
-
-def evaluate_top1(model: nn.Module, dataset: Any, norm: Normalization, batch_size: int,
-                  device: torch.device) -> dict[str, Any]:
-    """pare.evaluate on the whole data set: {"top1": %, "top5": %, "loss", "n"}."""
-    import pare
-
-    return dict(pare.evaluate(model, make_loader(dataset, batch_size, norm), device=device))
+    data = DataConfig(normalization=getattr(args, "normalization", None), mean=getattr(args, "mean", None),
+                      std=getattr(args, "std", None))
+    recorded = loaded.provenance.get("normalization") if loaded is not None else None
+    return resolve_normalization(data, ModelConfig(name=spec), recorded)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- fine-tune
@@ -543,58 +359,6 @@ def build_recipe(args: argparse.Namespace, name: str) -> Any:
     return recipe
 
 
-def split_train(train: Any, val_fraction: float, seed: int) -> tuple[Any, Any]:
-    from pare.data import train_val_split
-
-    train_idx, val_idx = train_val_split(len(train), val_fraction=val_fraction, seed=seed)
-    return train.subset(train_idx), train.subset(val_idx)
-
-
-def finetune(
-    model: nn.Module,
-    recipe: Any,
-    *,
-    train: Any,
-    val: Any,
-    test: Any,
-    norm: Normalization,
-    augment: str | None,
-    seed: int,
-    device: torch.device,
-    out_dir: Path | None,
-    resume: bool,
-    console: Console,
-) -> dict[str, Any]:
-    """pare.train.fit on (train, val, test); returns a JSON-ready summary. Accuracies in percent; the test
-    figure is the final-epoch weights' (the validation split only selects/monitors)."""
-    from pare.train import fit
-
-    result = fit(
-        model,
-        make_loader(train, recipe.batch_size, norm, shuffle=True, augment=augment, seed=seed),
-        make_loader(val, max(recipe.batch_size, 256), norm),
-        recipe,
-        test_loader=make_loader(test, max(recipe.batch_size, 256), norm) if test is not None else None,
-        out_dir=out_dir,
-        resume=resume,
-        device=device,
-        progress=console.progress,
-    )
-    return {
-        "recipe": recipe.to_dict(),
-        "epochs_completed": result.epochs_completed,
-        "train_images": len(train),
-        "val_images": len(val),
-        "final_val_top1": 100.0 * result.final_val_acc,
-        "best_val_top1": 100.0 * result.best_val_acc,
-        "best_val_epoch": result.best_val_epoch,
-        "test_top1_final_epoch": None if result.test_acc is None else 100.0 * result.test_acc,
-        "test_loss": result.test_loss,
-        "resumed_from": list(result.resumed_from) if result.resumed_from else None,
-        "seconds": result.seconds,
-    }
-
-
 # ------------------------------------------------------------------------------------------ output folder
 def prepare_out_dir(path: str | Path, *, overwrite: bool, resume: bool = False, own_kind: str | None = None) -> Path:
     """Create ``path`` or accept it when empty; a non-empty folder needs --overwrite (or --resume), so an
@@ -616,118 +380,3 @@ def _metrics_kind(path: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return record.get("kind") if isinstance(record, dict) else None
-
-
-# ------------------------------------------------------------------------------------------------- config
-def parse_flat_yaml(text: str, source: str = "config") -> dict[str, Any]:
-    """The ``key: value`` subset of YAML used when PyYAML is absent: one pair per line, ``#`` comments,
-    values true/false/null, numbers, quoted or bare strings."""
-    values: dict[str, Any] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
-        if not line or line == "---":
-            continue
-        if ":" not in line:
-            raise ConfigError(f"{source}:{number}: expected 'key: value', got {raw.strip()!r}")
-        key, value = (part.strip() for part in line.split(":", 1))
-        if not key or " " in key:
-            raise ConfigError(f"{source}:{number}: bad key {key!r}")
-        values[key] = _scalar(value)
-    return values
-
-
-def _scalar(text: str) -> Any:
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    lowered = text.lower()
-    if lowered in ("true", "yes", "on"):
-        return True
-    if lowered in ("false", "no", "off"):
-        return False
-    if lowered in ("null", "~", ""):
-        return None
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(text)
-    return text
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """A JSON (.json) or YAML file holding one flat mapping of option names to values."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config {file}: no such file")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"--config {file}: not valid JSON ({exc})") from None
-    else:
-        try:
-            import yaml
-        except ImportError:
-            data = parse_flat_yaml(text, str(file))
-        else:
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"--config {file}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {file}: expected a mapping of option names to values, got "
-                          f"{type(data).__name__}")
-    return data
-
-
-def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, config: dict[str, Any],
-                 source: str) -> None:
-    """Fill ``args`` from ``config`` for every option not given on the command line (the command line wins).
-
-    A budget given on the command line replaces the file's budget, whichever kind each is.
-    """
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    explicit = {dest for dest, action in actions.items()
-                if getattr(args, dest, action.default) != action.default}
-    cli_budget = bool(explicit & set(BUDGET_DESTS))
-    for raw_key, value in config.items():
-        key = str(raw_key).replace("-", "_")
-        action = actions.get(key)
-        if action is None:
-            options = sorted(k.replace("_", "-") for k in actions)
-            close = difflib.get_close_matches(str(raw_key).replace("_", "-"), options, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"--config {source}: unknown option '{raw_key}'{hint}")
-        if key in explicit or (cli_budget and key in BUDGET_DESTS):
-            continue
-        setattr(args, key, _convert(action, value, raw_key, source))
-
-
-def _convert(action: argparse.Action, value: Any, key: str, source: str) -> Any:
-    where = f"--config {source}: option '{key}'"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
-    if isinstance(action, argparse._AppendAction):
-        items = value if isinstance(value, list) else [value]
-        return [_convert_one(action, item, where) for item in items]
-    if value is None:
-        return None
-    return _convert_one(action, value, where)
-
-
-def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
-    if isinstance(value, (dict, list)) or (isinstance(value, bool) and action.type is not None):
-        raise ConfigError(f"{where}: expected a single value, got {value!r}")
-    if action.type is not None:
-        try:
-            value = action.type(str(value))
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    elif not isinstance(value, str):
-        value = str(value)
-    if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
-    return value

@@ -9,13 +9,15 @@ synchronisation.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 from typing import Any
 
+from pare.allocate.budget import Budget
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, positive_int
+from pare.config import PipelineConfig, PruneConfig
+from pare.train import Recipe
 
 NAME = "demo"
 EPILOG = """\
@@ -32,7 +34,6 @@ gives the test top-1 before and after fine-tuning (final-epoch weights), MACs, p
 """
 
 DEMO_MODEL = "small_cnn"
-DEMO_NORMALIZATION = "mnist"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -72,65 +73,71 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
         torch.set_num_threads(threads_before)
 
 
-def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path, t_start: float) -> dict[str, Any]:
-    import torch
-
-    import pare
-    import pare.criteria
-    from pare import report
-    from pare.criteria.base import get_criterion, list_criteria
-    from pare.latency import compare_latency
-    from pare.models import create
-    from pare.train import Recipe, fit
+def demo_config(args: argparse.Namespace) -> tuple[PipelineConfig, Recipe, Recipe]:
+    """The pipeline configuration every demo row shares (the criterion differs per row), with its dense-training
+    and fine-tuning recipes."""
+    from pare.config import DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PipelineConfig, RepairConfig
 
     epochs, ft_epochs = (2, 1) if args.quick else (args.epochs, args.finetune_epochs)
+    train = Recipe(name="demo-train", epochs=epochs, batch_size=64, lr=0.1, weight_decay=5e-4, schedule="cosine",
+                   seed=args.seed)
+    finetune = Recipe(name="demo-finetune", epochs=ft_epochs, batch_size=64, lr=0.01, weight_decay=5e-4,
+                      schedule="cosine", seed=args.seed)
+    config = PipelineConfig(
+        model=ModelConfig(name=DEMO_MODEL, init_seed=args.seed, train=train),
+        data=DataConfig(path="digits", val_fraction=0.15, calib_images=256, calib_batch_size=128, seed=args.seed),
+        target=Budget(macs_reduction=args.reduce_macs),
+        prune=PruneConfig(seed=args.seed),
+        repair=RepairConfig(recalibrate=True),  # BN statistics recalibrated for every criterion
+        finetune=FinetuneConfig(recipe=finetune),
+        eval=EvalConfig(splits=("test",), dense=False),
+    )
+    return config, train, finetune
+
+
+def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path, t_start: float) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    from pare import report
+    from pare.count import count
+    from pare.criteria.base import list_criteria
+    from pare.io import save
+    from pare.latency import compare_latency
+    from pare.pipeline import prepare, run
+    from pare.pipeline.stages import evaluate_splits
+
+    base, train_recipe, ft_recipe = demo_config(args)
     latency_runs = 10 if args.quick else 60
-    budget = pare.Budget(macs_reduction=args.reduce_macs)
     seconds: dict[str, float] = {}
-    common.seed_everything(args.seed)
-    norm = common.Normalization(DEMO_NORMALIZATION, *_preset(DEMO_NORMALIZATION))
-
-    t0 = time.perf_counter()
-    train_all, test = common.load_split("digits", "train"), common.load_split("digits", "test")
-    train, val = common.split_train(train_all, 0.15, args.seed)
-    calib = common.calibration(train, 256, 128, norm, args.seed)
-    shape = tuple(int(v) for v in train_all.images.shape[1:])
-    example = common.example_inputs(shape)
-    seconds["data"] = time.perf_counter() - t0
-
-    def loaders(shuffle_seed: int) -> tuple[Any, Any, Any]:
-        return (common.make_loader(train, 64, norm, shuffle=True, seed=shuffle_seed),
-                common.make_loader(val, 256, norm), common.make_loader(test, 256, norm))
 
     # ------------------------------------------------------------------------------------- dense model
-    console.info(f"training {DEMO_MODEL} on digits for {epochs} epochs ({len(train)} train / {len(val)} val / "
-                 f"{len(test)} test images)")
+    console.info(f"training {DEMO_MODEL} on digits for {train_recipe.epochs} epochs")
     t0 = time.perf_counter()
-    dense = create(DEMO_MODEL, num_classes=len(train_all.classes))
-    dense_recipe = Recipe(name="demo-train", epochs=epochs, batch_size=64, lr=0.1, weight_decay=5e-4,
-                          schedule="cosine", seed=args.seed)
-    dense_fit = fit(dense, *loaders(args.seed)[:2], dense_recipe, test_loader=loaders(args.seed)[2],
-                    progress=console.progress)
+    loaded, data = prepare(base, progress=console.progress)
     seconds["train_dense"] = time.perf_counter() - t0
-    dense_counts = pare.count(dense, example)
-    dense_top1 = 100.0 * float(dense_fit.test_acc)
-    pare.save(dense, out / "models" / "dense.safetensors",
-              metadata={"input_shape": list(shape), "normalization": norm.to_dict(), "seed": args.seed})
+    dense = loaded.model
+    shape = data.input_size or (1, 8, 8)  # digits are 8x8 grey images
+    example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    dense_counts = count(dense, example)
+    dense_top1 = float(evaluate_splits(dense, data, base.eval, "cpu")["test"]["top1"])  # type: ignore[arg-type]
+    norm = data.normalization
+    save(dense, out / "models" / "dense.safetensors",
+         metadata={"input_shape": list(shape), "normalization": norm.to_dict(), "seed": args.seed})
     rows: list[dict[str, Any]] = [{
         "name": "dense", "top1_before_finetune": None, "top1": dense_top1, "macs": dense_counts.macs,
         "macs_reduction": 0.0, "params": dense_counts.params, "seconds": seconds["train_dense"],
-        "best_val_top1": 100.0 * dense_fit.best_val_acc,
+        "best_val_top1": (loaded.train_record or {}).get("best_val_top1"),
     }]
     widths = {"dense": report.layer_widths(dense_counts)}
     models = {"dense": dense}
     notes = []
 
     # ------------------------------------------------------------------------------ every criterion
-    ft_recipe = Recipe(name="demo-finetune", epochs=ft_epochs, batch_size=64, lr=0.01, weight_decay=5e-4,
-                       schedule="cosine", seed=args.seed)
     criteria = [c.name for c in list_criteria()]
     console.info(f"pruning to -{100 * args.reduce_macs:.0f}% MACs with {len(criteria)} criteria, fine-tuning each "
-                 f"{ft_epochs} epoch(s)")
+                 f"{ft_recipe.epochs} epoch(s)")
     t_all = time.perf_counter()
     for name in console.bar(criteria, desc="criteria"):
         t0 = time.perf_counter()
@@ -141,22 +148,21 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
             options = {"residual": "first"}
             notes.append("similarity runs with residual='first' (its default 'skip' leaves residual-sum groups "
                          "unpruned)")
-        crit = get_criterion(name, **options)
-        result = pare.prune(copy.deepcopy(dense), example, criterion=crit, target=budget, data=calib,
-                            recalibrate=len(calib), seed=args.seed)
+        config = dataclasses.replace(base, criterion=name, criterion_options=options)
+        result = run(config, model=loaded, data=data)
         pruned = result.model
-        before_ft = 100.0 * _top1(pare, pruned, loaders(args.seed)[2])
-        ft = fit(pruned, *loaders(args.seed)[:2], ft_recipe, test_loader=loaders(args.seed)[2], progress=False)
-        pare.save(pruned, out / "models" / f"{name}.safetensors",
-                  metadata={"criterion": name, "budget": budget.describe(), "input_shape": list(shape),
-                            "normalization": norm.to_dict(), "dense_model": dense.pare_zoo, "seed": args.seed})
+        last = result.prune[-1]
+        save(pruned, out / "models" / f"{name}.safetensors",
+             metadata={"criterion": name, "budget": base.target.describe(), "input_shape": list(shape),
+                       "normalization": norm.to_dict(), "dense_model": dense.pare_zoo, "seed": args.seed})
         rows.append({
-            "name": name, "top1_before_finetune": before_ft, "top1": 100.0 * float(ft.test_acc),
-            "macs": result.counts_after.macs, "macs_reduction": result.macs_reduction,
-            "params": result.counts_after.params, "seconds": time.perf_counter() - t0,
-            "best_val_top1": 100.0 * ft.best_val_acc, "criterion_options": options,
+            "name": name, "top1_before_finetune": result.top1("pruned"), "top1": result.top1("finetuned"),
+            "macs": last.counts_after.macs, "macs_reduction": last.macs_reduction,
+            "params": last.counts_after.params, "seconds": time.perf_counter() - t0,
+            "best_val_top1": (result.finetune or {}).get("best_val_top1"), "criterion_options": options,
+            "config": config.to_dict(),
         })
-        widths[name] = report.layer_widths(result.counts_after)
+        widths[name] = report.layer_widths(last.counts_after)
         models[name] = pruned.eval()
     seconds["prune_and_finetune"] = time.perf_counter() - t_all
 
@@ -177,11 +183,12 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
         "command": common.command_line(argv),
         "setup": {
             "data": "scikit-learn digits (seeded 80/20 train/test split)", "model": DEMO_MODEL,
-            "train_images": len(train_all), "val_images": len(val), "test_images": len(test),
-            "epochs": epochs, "finetune_epochs": ft_epochs, "target_macs_reduction": args.reduce_macs,
-            "calib_images": sum(len(b[1]) for b in calib), "latency_batch": args.latency_batch,
+            "train_images": len(data.train or []) + len(data.val or []), "val_images": len(data.val or []),
+            "test_images": len(data.tests["test"]), "epochs": train_recipe.epochs,
+            "finetune_epochs": ft_recipe.epochs, "target_macs_reduction": args.reduce_macs,
+            "calib_images": sum(len(b[1]) for b in data.calib or []), "latency_batch": args.latency_batch,
             "latency_threads": args.threads,
-            "latency_runs": latency_runs, "quick": bool(args.quick), "train_recipe": dense_recipe.to_dict(),
+            "latency_runs": latency_runs, "quick": bool(args.quick), "train_recipe": train_recipe.to_dict(),
             "finetune_recipe": ft_recipe.to_dict(), "normalization": norm.to_dict(),
         },
         "rows": rows,
@@ -196,21 +203,10 @@ def _demo(args: argparse.Namespace, console: Console, argv: list[str], out: Path
         ["criterion", "top-1 pruned", "top-1 fine-tuned", "MACs", "params", "latency", "time"],
         [[r["name"], report.pct(r["top1_before_finetune"]), report.pct(r["top1"]), report.human(r["macs"]),
           report.human(r["params"]), f"{r['latency']['median_ms']:.3f} ms", f"{r['seconds']:.1f} s"] for r in rows],
-        title=f"pare demo: small_cnn on digits, -{100 * args.reduce_macs:.0f}% MACs, fine-tune {ft_epochs} epoch(s), "
-              "test top-1 (final epoch)",
+        title=f"pare demo: small_cnn on digits, -{100 * args.reduce_macs:.0f}% MACs, fine-tune "
+              f"{ft_recipe.epochs} epoch(s), test top-1 (final epoch)",
     )
     console.out(f"wrote {out / 'report.md'}, {out / 'metrics.json'}"
                 + (f" and {len(record['plots'])} plots" if record["plots"] else f" (plots skipped: "
                    f"{record['plots_skipped']})") + f" in {seconds['total']:.0f} s")
     return record
-
-
-def _preset(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from pare.data import NORMALIZATION
-
-    mean, std = NORMALIZATION[name] or ((), ())
-    return tuple(mean), tuple(std)
-
-
-def _top1(pare: Any, model: Any, loader: Any) -> float:
-    return float(pare.evaluate(model, loader, topk=(1,))["top1"]) / 100.0

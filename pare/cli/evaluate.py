@@ -37,21 +37,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str, Any]:
     import torch
 
+    from pare.data import InMemoryLoader
+    from pare.evaluate import evaluate
+    from pare.pipeline.stages import read_split
+    from pare.report import pct
+
     common.check_paths(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
-    dataset = common.load_split(args.data, args.split)
+    dataset = read_split(args.data, args.split)
     loaded = common.load_model(args.model, weights=args.weights,
                                num_classes=args.num_classes or len(dataset.classes), options=args.model_option)
     shape = tuple(int(v) for v in dataset.images.shape[1:])
     report_eval_inputs(loaded.model, args.input_size, shape)  # size mismatch: error; NaN weights: a warning
-    norm = common.resolve_normalization(args, shape[0], loaded.provenance.get("normalization"))
+    norm = common.normalization(args, args.model, loaded)
     t0 = time.perf_counter()
-    metrics = common.evaluate_top1(loaded.model, dataset, norm, args.batch_size, device)
+    loader = InMemoryLoader(dataset, args.batch_size, shuffle=False, normalization=norm)
+    metrics = dict(evaluate(loaded.model, loader, device=device))
     seconds = time.perf_counter() - t0
     console.table(["model", "split", "images", "top-1", "top-5", "loss"],
-                  [[loaded.label, args.split, metrics["n"], f"{metrics['top1']:.2f}%", f"{metrics['top5']:.2f}%",
+                  [[loaded.label, args.split, metrics["n"], pct(metrics["top1"]), pct(metrics["top5"]),
                     f"{metrics['loss']:.4f}"]])
     return {"model": loaded.to_dict(), "data": args.data, "split": args.split, "normalization": norm.to_dict(),
             "metrics": metrics, "seconds": seconds}

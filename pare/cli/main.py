@@ -18,12 +18,13 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
-from pare.cli import bench, count, criteria, demo, evaluate, export, prune, train
-from pare.cli._common import Console, HelpFormatter, Parser, UsageError, apply_config, global_flags, read_config
+from pare.cli import bench, count, criteria, demo, evaluate, export, prune, run, train
+from pare.cli._common import Console, HelpFormatter, Parser, UsageError, global_flags
 from pare.cli._outdir import discard_empty_out_dirs, forget_out_dirs
+from pare.cli.config_file import apply_config, read_config
 from pare.errors import PareError
 
-COMMANDS = (demo, prune, train, evaluate, count, export, bench, criteria)
+COMMANDS = (demo, prune, run, train, evaluate, count, export, bench, criteria)
 
 EPILOG = """\
 examples:
@@ -31,6 +32,7 @@ examples:
   pare criteria                               # the pruning criteria and training methods
   pare prune --model resnet56 --weights resnet56.th --data cifar-10-batches-py \\
       --normalization imagenet --criterion chip --reduce-macs 0.5 --out runs/r56-chip
+  pare run --config runs/r56-chip/metrics.json # replay a recorded configuration (any benchmark row too)
   pare eval runs/r56-chip/model.safetensors --data cifar-10-batches-py
   pare count runs/r56-chip/model.safetensors
   pare bench runs/r56-chip/model.safetensors resnet56 --input-size 3x32x32 --batch-sizes 1,16
@@ -47,7 +49,7 @@ _INPUT_ERRORS = (PareError, OSError, ValueError, KeyError, EOFError, pickle.Unpi
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the subcommand parsers by name."""
-    import pare
+    from pare.version import __version__
 
     parser = Parser(
         prog="pare",
@@ -56,7 +58,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         formatter_class=HelpFormatter,
         parents=[global_flags()],
     )
-    parser.add_argument("--version", action="version", version=f"pare {pare.__version__}")
+    parser.add_argument("--version", action="version", version=f"pare {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     subparsers.required = True
     commands = {module.NAME: module.add_parser(subparsers) for module in COMMANDS}

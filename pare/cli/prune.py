@@ -7,9 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from pare.allocate.budget import Budget
+from pare.allocate.dispatch import ALLOCATIONS
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, fraction, nonneg_int, positive_int
+from pare.cli.config_file import BUDGET_DESTS
+from pare.config import ENGINES, PipelineConfig
 from pare.errors import BudgetError, ConfigError
+from pare.pipeline import PipelineResult
+from pare.pipeline.stages import LoadedModel, Splits
 
 NAME = "prune"
 ARTIFACT_NAME = "model.safetensors"
@@ -52,13 +60,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     budget.add_argument("--channel-ratio", type=fraction, metavar="F", help="fraction of channels to remove")
     budget.add_argument("--sparsity", metavar="STRING", help="HRank/CHIP per-layer sparsity string (zoo models)")
     budget.add_argument("--reduce-latency", type=fraction, metavar="F",
-                        help="fraction of measured latency to remove (pare.allocate.latency)")
+                        help="fraction of measured latency to remove (pare.prune_latency)")
     how = parser.add_argument_group("pruning")
     how.add_argument("--criterion", default="l1", metavar="NAME", help="pruning criterion (see 'pare criteria')")
     how.add_argument("--criterion-option", type=common.key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="criterion constructor option, e.g. residual=first for similarity (repeatable)")
-    how.add_argument("--allocation", choices=("global", "uniform"), default="global",
-                     help="rank channels globally or remove the same fraction per group")
+    how.add_argument("--allocation", choices=ALLOCATIONS, default="global",
+                     help="how the budget is spread over the groups (pare.allocate.dispatch)")
+    how.add_argument("--engine", choices=ENGINES, default="pare",
+                     help="who prunes: pare's verified surgery, or Torch-Pruning (optional dependency; MACs "
+                     "budgets only), repaired and fine-tuned the same way")
+    how.add_argument("--steps", type=positive_int, default=1, metavar="N",
+                     help="prune in N equal steps (iterative pruning), repairing after each")
     how.add_argument("--round-to", type=positive_int, default=1, metavar="N", help="keep channel counts multiples of N")
     how.add_argument("--internal-only", action="store_true",
                      help="prune only block-internal channels (no residual sums)")
@@ -84,8 +97,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def budget_from_args(args: argparse.Namespace) -> tuple[str, float | str]:
     """(budget flag dest, value) of the one budget given; BudgetError for none or several."""
-    given = [dest for dest in common.BUDGET_DESTS if getattr(args, dest, None) is not None]
-    flags = ", ".join("--" + d.replace("_", "-") for d in common.BUDGET_DESTS)
+    given = [dest for dest in BUDGET_DESTS if getattr(args, dest, None) is not None]
+    flags = ", ".join("--" + d.replace("_", "-") for d in BUDGET_DESTS)
     if not given:
         raise BudgetError(f"no budget: give exactly one of {flags}")
     if len(given) > 1:
@@ -94,9 +107,7 @@ def budget_from_args(args: argparse.Namespace) -> tuple[str, float | str]:
     return given[0], getattr(args, given[0])
 
 
-def make_budget(kind: str, value: float | str) -> Any:
-    from pare.allocate import Budget
-
+def make_budget(kind: str, value: float | str) -> Budget | None:
     if kind == "reduce_latency":
         if not 0.0 <= float(value) < 1.0:
             raise BudgetError(f"--reduce-latency {value} is outside [0, 1) (it is the fraction removed)")
@@ -106,11 +117,53 @@ def make_budget(kind: str, value: float | str) -> Any:
     return Budget(**{field: value})
 
 
+def config_from_args(args: argparse.Namespace, budget: Budget | None) -> PipelineConfig:
+    """The pipeline configuration the flags describe (what metrics.json records and ``pare run`` replays);
+    ``budget`` None = the --reduce-latency target."""
+    from pare.config import (
+        DataConfig,
+        EvalConfig,
+        FinetuneConfig,
+        LatencyConfig,
+        ModelConfig,
+        PruneConfig,
+        RepairConfig,
+    )
+
+    finetune = None
+    if args.finetune:
+        finetune = FinetuneConfig(recipe=common.build_recipe(args, args.finetune), augment=args.augment or "auto")
+    # --compensate recalibrates first unless --recalibrate 0; --recalibrate N alone recalibrates on N batches.
+    recalibrate = args.compensate if args.recalibrate is None else args.recalibrate > 0
+    return PipelineConfig(
+        model=ModelConfig(name=args.model, weights=args.weights, options=dict(args.model_option),
+                          num_classes=args.num_classes, input_size=args.input_size),
+        # Without fine-tuning nothing needs a validation share: calibration draws from all training images.
+        data=DataConfig(path=args.data, val_fraction=args.val_fraction if args.finetune else 0.0,
+                        calib_images=args.calib_images, calib_batch_size=min(args.batch_size, args.calib_images),
+                        normalization=args.normalization, mean=args.mean, std=args.std, seed=args.seed),
+        criterion=args.criterion,
+        criterion_options=dict(args.criterion_option),
+        target=budget or Budget(macs_reduction=0.0),
+        latency=None if budget is not None else LatencyConfig(args.reduce_latency, max(args.latency_runs, 10),
+                                                               args.threads or 1),
+        prune=PruneConfig(engine=args.engine, allocation=args.allocation, round_to=args.round_to,
+                          internal_only=args.internal_only, verify=not args.no_verify, seed=args.seed,
+                          convention=args.convention, steps=args.steps),
+        repair=RepairConfig(recalibrate=recalibrate, compensate=args.compensate,
+                            recalibrate_batches=args.recalibrate or None),
+        finetune=finetune,
+        eval=EvalConfig(splits=("test",) if args.data else (), batch_size=args.batch_size),
+    )
+
+
 def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str, Any]:
     import torch
 
-    import pare
     from pare.criteria.base import get_criterion
+    from pare.io import save
+    from pare.pipeline import prepare
+    from pare.pipeline import run as run_pipeline
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -125,7 +178,7 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     crit_obj = get_criterion(args.criterion, **dict(args.criterion_option))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = common.resolve_device(args.device)
+    device = str(common.resolve_device(args.device))
     needs_data = crit_obj.needs_data or args.compensate or bool(args.recalibrate) or args.finetune is not None
     if args.data is None and needs_data:
         what = ("criterion " + crit_obj.name if crit_obj.needs_data else
@@ -135,164 +188,71 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
         raise ConfigError("--epochs/--lr/--train-batch-size need --finetune RECIPE")
     if args.resume and args.finetune is None:  # nothing to resume: it would only replace the earlier run
         raise ConfigError("--resume continues an interrupted --finetune run; without --finetune use --overwrite")
-    recipe = common.build_recipe(args, args.finetune) if args.finetune else None
+    config = config_from_args(args, budget)
     out = common.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
-    common.seed_everything(args.seed)
 
-    # ---------------------------------------------------------------------------------------- load
     t0 = time.perf_counter()
-    train = test = val = fit_train = None
     if args.data is not None:
         console.info(f"loading data {args.data}")
-        train = common.load_split(args.data, "train") if needs_data else None
-        test = common.load_split(args.data, "test")
-    num_classes = args.num_classes or (len(test.classes) if test is not None else None)
-    loaded = common.load_model(args.model, weights=args.weights, num_classes=num_classes,
-                               options=args.model_option)
-    model = loaded.model
-    shape = common.pick_input_shape(args.input_size, loaded, test)
-    example = common.example_inputs(shape)
-    norm = common.resolve_normalization(args, shape[0], loaded.provenance.get("normalization"))
-    calib = None
-    if train is not None:
-        fit_train, val = common.split_train(train, args.val_fraction, args.seed) if recipe else (train, None)
-        calib = common.calibration(fit_train, args.calib_images, min(args.batch_size, args.calib_images), norm,
-                                   args.seed)
+    loaded, data = prepare(config, progress=console.progress, device=device)
     seconds["load"] = time.perf_counter() - t0
-
-    accuracy: dict[str, dict[str, Any]] = {}
-    if test is not None:
-        t0 = time.perf_counter()
-        console.info(f"evaluating the dense model on {len(test)} test images")
-        accuracy["dense"] = common.evaluate_top1(model, test, norm, args.batch_size, device)
-        model.to("cpu")
-        seconds["evaluate_dense"] = time.perf_counter() - t0
-
-    # --------------------------------------------------------------------------------------- prune
-    console.info(f"pruning with {crit_obj.name} to {kind.replace('_', '-')}={value}")
-    t0 = time.perf_counter()
-    prune_kwargs: dict[str, Any] = {
-        "allocation": args.allocation, "round_to": args.round_to, "internal_only": args.internal_only,
-        "verify": not args.no_verify, "compensate": args.compensate, "seed": args.seed,
-        "convention": args.convention,
-        "recalibrate": args.recalibrate if args.recalibrate is not None else (None if args.compensate else False),
-    }
-    recorded_latency = None
-    if kind == "reduce_latency":
-        try:
-            from pare.allocate.latency import prune_to_latency
-        except ImportError as exc:
-            raise ConfigError(f"--reduce-latency needs pare.allocate.latency, which this pare lacks ({exc})") from None
-        console.info("searching the MACs budget that meets the latency target (timing every candidate)")
-        result = prune_to_latency(model, example, reduction=float(value), criterion=crit_obj, data=calib,
-                                  threads=args.threads or 1, runs=max(args.latency_runs, 10), **prune_kwargs)
-        recorded_latency = getattr(result, "latency", None)
-    else:
-        result = pare.prune(model, example, criterion=crit_obj, target=budget, data=calib, **prune_kwargs)
-    pruned = result.model
-    seconds["prune"] = time.perf_counter() - t0
-    summary = result.summary()
-    reduction = result.reduction
-    console.info(f"removed {summary['removed_channels']} channels: MACs -{100 * reduction['macs_reduction']:.1f}%, "
+    console.info(f"pruning with {crit_obj.name} to {kind.replace('_', '-')}={value}"
+                 + (f", fine-tuning with recipe {args.finetune}" if args.finetune else ""))
+    result = run_pipeline(config, model=loaded, data=data, device=device, out_dir=out, resume=args.resume,
+                          progress=console.progress)
+    seconds.update(result.seconds)
+    record = _record(args, argv, result, loaded, data)
+    reduction = record["reduction"]
+    console.info(f"removed {record['removed_channels']} channels: MACs -{100 * reduction['macs_reduction']:.1f}%, "
                  f"params -{100 * reduction['params_reduction']:.1f}%")
-
-    if test is not None:
-        t0 = time.perf_counter()
-        accuracy["pruned"] = common.evaluate_top1(pruned, test, norm, args.batch_size, device)
-        pruned.to("cpu")
-        seconds["evaluate_pruned"] = time.perf_counter() - t0
-
-    finetune_record = None
-    if recipe is not None:
-        console.info(f"fine-tuning {recipe.epochs} epoch(s) with recipe {recipe.name}")
-        t0 = time.perf_counter()
-        augment = common.default_augment(train) if args.augment is None else (None if args.augment == "none"
-                                                                               else args.augment)
-        finetune_record = common.finetune(
-            pruned, recipe, train=fit_train, val=val, test=test, norm=norm, augment=augment, seed=args.seed,
-            device=device, out_dir=out / "finetune", resume=args.resume, console=console)
-        pruned.to("cpu")
-        seconds["finetune"] = time.perf_counter() - t0
-        accuracy["finetuned"] = {"top1": finetune_record["test_top1_final_epoch"], "top5": None, "n": len(test),
-                                 "loss": finetune_record["test_loss"]}
-
-    # ------------------------------------------------------------------------------------- latency
-    latency: dict[str, Any] = {}
-    if args.latency_runs:
-        from pare.latency import compare_latency
-
-        t0 = time.perf_counter()
-        console.info("measuring latency (batch 1, eager)")
-        measured = compare_latency({"dense": model.cpu().eval(), "pruned": pruned.eval()}, example,
-                                   runs=args.latency_runs, warmup=5, rounds=min(5, args.latency_runs),
-                                   threads=args.threads or 1)
-        latency = {name: lat.to_dict() for name, lat in measured.items()}
-        seconds["latency"] = time.perf_counter() - t0
-
-    # ---------------------------------------------------------------------------------------- save
+    record["latency"] = _latency(args, console, result.dense, result.model, result.input_shape, seconds)
     t0 = time.perf_counter()
     metadata = {
-        "criterion": result.criterion,
-        "budget": f"{kind}={value}",
-        "input_shape": list(shape),
-        "normalization": norm.to_dict(),
-        "dense_model": getattr(model, "pare_zoo", None) or loaded.provenance.get("dense_model"),
-        "source": loaded.path,
-        "source_sha256": loaded.sha256,
-        "counts_before": result.counts_before.to_dict(),
-        "counts_after": result.counts_after.to_dict(),
-        "seed": args.seed,
+        "criterion": record["criterion"], "budget": record["budget"], "input_shape": record["input_shape"],
+        "normalization": data.normalization.to_dict(),
+        "dense_model": getattr(result.dense, "pare_zoo", None) or loaded.provenance.get("dense_model"),
+        "source": loaded.path, "source_sha256": loaded.sha256, "counts_before": record["counts_before"],
+        "counts_after": record["counts_after"], "seed": args.seed, "config": config.to_dict(),
     }
-    artifact = pare.save(pruned, out / ARTIFACT_NAME, metadata=metadata)
+    artifact = save(result.model, out / ARTIFACT_NAME, metadata=metadata)
     seconds["save"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
+    record["seconds"] = seconds
+    return _write(console, out, record, artifact)
 
+
+def _record(args: argparse.Namespace, argv: list[str], result: PipelineResult, loaded: LoadedModel,
+            data: Splits) -> dict[str, Any]:
+    """metrics.json of a ``pare prune`` run: the pipeline's record (with its configuration) plus the CLI's."""
     from pare import report
 
-    record: dict[str, Any] = {
+    last = result.prune[-1]
+    record: dict[str, Any] = result.record()
+    record.update({
         "kind": "prune",
         "command": common.command_line(argv),
-        "model": loaded.to_dict(),
-        "artifact": artifact.name,
-        "data": {"path": args.data, "test_images": len(test) if test is not None else None,
-                 "train_images": len(train) if train is not None else None,
-                 "calib_images": args.calib_images if calib is not None else None,
-                 "normalization": norm.to_dict()},
-        "input_shape": list(shape),
-        "criterion": result.criterion,
+        "model": {"name": args.model, "source": loaded.source, "path": loaded.path, "sha256": loaded.sha256,
+                  "zoo": getattr(loaded.model, "pare_zoo", None)},
+        "artifact": ARTIFACT_NAME,
+        "data": {"path": args.data, "test_images": len(data.tests["test"]) if "test" in data.tests else None,
+                 "train_images": None if data.train is None else len(data.train) + len(data.val or []),
+                 "calib_images": args.calib_images if data.calib is not None else None,
+                 "normalization": data.normalization.to_dict()},
         "criterion_options": dict(args.criterion_option),
-        "budget": f"{kind}={value}",
-        "allocation": result.allocation,
-        "residual_mode": result.residual_mode,
-        "removed_channels": summary["removed_channels"],
-        "groups_pruned": summary["groups_pruned"],
-        "notes": summary["notes"],
-        "counts_before": summary["counts_before"],
-        "counts_after": summary["counts_after"],
-        "reduction": reduction,
-        "prune_seconds": result.seconds,
-        "groups": result.groups,
-        "layers": report.layer_rows(result.counts_after, result.counts_before),
-        "accuracy": accuracy,
-        "finetune": finetune_record,
-        "latency": latency,
-        "latency_note": None,
-        "seconds": seconds,
+        "groups_pruned": len(last.removals),
+        "prune_seconds": last.seconds,
+        "groups": last.groups,
+        "layers": report.layer_rows(last.counts_after, last.counts_before),
+        # Stage -> test-split metrics (fractions), as report.md shows them.
+        "accuracy": {stage: splits["test"] for stage, splits in result.accuracy.items() if "test" in splits},
+        "latency_note": None if last.latency is None else "The latency search's own before/after "
+                        "measurements are in metrics.json (latency_search).",
         "provenance": report.provenance(seed=args.seed, data=args.data, convention=args.convention,
                                         command=common.command_line(argv)),
-    }
-    if recorded_latency is not None:
-        record["latency_search"] = recorded_latency
-        record["latency_note"] = "The latency search's own before/after measurements are in metrics.json " \
-                                 "(latency_search)."
-    paths = report.write_prune_report(out, record)
-    _print_summary(console, record, out)
-    record["files"] = {name: str(path) for name, path in paths.items()} | {"artifact": str(artifact)}
+    })
     return record
-
-
 def _print_summary(console: Console, record: dict[str, Any], out: Path) -> None:
-    from pare.report import human
+    from pare.report import human, pct
 
     before, after, red = record["counts_before"], record["counts_after"], record["reduction"]
     acc = record["accuracy"]
@@ -300,7 +260,7 @@ def _print_summary(console: Console, record: dict[str, Any], out: Path) -> None:
             ["params", human(before["params"]), human(after["params"]), f"{100 * red['params_reduction']:.2f}%"]]
     if "dense" in acc:
         final = acc.get("finetuned", acc.get("pruned", {}))
-        rows.append(["top-1", f"{acc['dense']['top1']:.2f}%", f"{final.get('top1'):.2f}%",
+        rows.append(["top-1", pct(acc["dense"]["top1"]), pct(final.get("top1")),
                      "fine-tuned" if "finetuned" in acc else "no fine-tune"])
     if record["latency"]:
         lat = record["latency"]
@@ -310,3 +270,30 @@ def _print_summary(console: Console, record: dict[str, Any], out: Path) -> None:
                   title=f"{record['criterion']} {record['budget']} ({record['removed_channels']} channels removed):")
     console.out(f"wrote {out / ARTIFACT_NAME}, {out / 'report.md'}, {out / 'metrics.json'}")
 
+
+def _latency(args: argparse.Namespace, console: Console, dense: nn.Module, pruned: nn.Module,
+             example_shape: list[int], seconds: dict[str, float]) -> dict[str, Any]:
+    """Batch-1 eager latency of the dense and the pruned model, interleaved (``--latency-runs 0``: none)."""
+    if not args.latency_runs:
+        return {}
+    import torch
+
+    from pare.latency import compare_latency
+
+    t0 = time.perf_counter()
+    console.info("measuring latency (batch 1, eager)")
+    example = torch.randn((1, *example_shape), generator=torch.Generator().manual_seed(0))
+    measured = compare_latency({"dense": dense.cpu().eval(), "pruned": pruned.eval()}, example,
+                               runs=args.latency_runs, warmup=5, rounds=min(5, args.latency_runs),
+                               threads=args.threads or 1)
+    seconds["latency"] = time.perf_counter() - t0
+    return {name: lat.to_dict() for name, lat in measured.items()}
+
+
+def _write(console: Console, out: Path, record: dict[str, Any], artifact: Path) -> dict[str, Any]:
+    from pare import report
+
+    paths = report.write_prune_report(out, record)
+    _print_summary(console, record, out)
+    record["files"] = {name: str(path) for name, path in paths.items()} | {"artifact": str(artifact)}
+    return record

@@ -8,6 +8,7 @@ from typing import Any
 
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand
+from pare.data import InMemoryLoader
 from pare.errors import ConfigError
 
 NAME = "train"
@@ -46,8 +47,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str, Any]:
     import torch
 
-    import pare
     from pare import report
+    from pare.config import DataConfig
+    from pare.evaluate import evaluate
+    from pare.io import save
+    from pare.pipeline.stages import is_artifact, load_data, train_loaders
+    from pare.train import fit
 
     if args.recipe is None:
         raise ConfigError("--recipe RECIPE is required (e.g. li2017, chip, cifar-standard)")
@@ -61,22 +66,30 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     device = common.resolve_device(args.device)
     recipe = common.build_recipe(args, args.recipe)
     out = common.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
-    common.seed_everything(args.seed)
-    train_all, test = common.load_split(args.data, "train"), common.load_split(args.data, "test")
-    loaded = common.load_model(args.model, weights=args.weights, num_classes=args.num_classes or len(test.classes),
-                               options=args.model_option)
-    shape = common.pick_input_shape(args.input_size, loaded, test)
-    norm = common.resolve_normalization(args, shape[0], loaded.provenance.get("normalization"))
-    train, val = common.split_train(train_all, args.val_fraction, args.seed)
-    augment = common.default_augment(train_all) if args.augment is None else (None if args.augment == "none"
-                                                                              else args.augment)
+    # An artifact records its normalization (needed to read the data); a zoo model takes the data's class count.
+    artifact = common.load_model(args.model, weights=args.weights) if is_artifact(args.model) else None
+    norm = common.normalization(args, args.model, artifact)
+    data = load_data(DataConfig(path=args.data, val_fraction=args.val_fraction, seed=args.seed), norm,
+                     need_train=True, calibrate=False, splits=("test",))
+    loaded = artifact or common.load_model(args.model, weights=args.weights,
+                                           num_classes=args.num_classes or data.classes,
+                                           options=args.model_option, seed=args.seed)
+    shape = args.input_size or data.input_size
+    test_loader = InMemoryLoader(data.tests["test"], max(recipe.batch_size, 256), shuffle=False, normalization=norm)
     t0 = time.perf_counter()
-    before = common.evaluate_top1(loaded.model, test, norm, args.batch_size, device)
+    before = dict(evaluate(loaded.model, test_loader, device=device))
     console.info(f"training {recipe.epochs} epoch(s) with recipe {recipe.name} (test top-1 before: "
-                 f"{before['top1']:.2f}%)")
-    record = common.finetune(loaded.model, recipe, train=train, val=val, test=test, norm=norm, augment=augment,
-                             seed=args.seed, device=device, out_dir=out / "finetune", resume=args.resume,
-                             console=console)
+                 f"{report.pct(before['top1'])})")
+    result = fit(loaded.model, *train_loaders(recipe, data, args.augment or "auto"), recipe,
+                 test_loader=test_loader, out_dir=out / "finetune", resume=args.resume, device=device,
+                 progress=console.progress)
+    record = {
+        "recipe": recipe.to_dict(), "epochs_completed": result.epochs_completed, "train_images": len(data.train or []),
+        "val_images": len(data.val or []), "final_val_top1": result.final_val_acc, "best_val_top1": result.best_val_acc,
+        "best_val_epoch": result.best_val_epoch, "test_top1_final_epoch": result.test_acc,
+        "test_loss": result.test_loss,
+        "resumed_from": list(result.resumed_from) if result.resumed_from else None, "seconds": result.seconds,
+    }
     model = loaded.model.to("cpu")
     metadata = {"input_shape": list(shape), "normalization": norm.to_dict(), "source": loaded.path,
                 "source_sha256": loaded.sha256, "trained_with": recipe.to_dict(), "seed": args.seed,
@@ -84,8 +97,8 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     for key in ("criterion", "budget", "counts_before"):
         if key in loaded.provenance:
             metadata[key] = loaded.provenance[key]
-    artifact = pare.save(model, out / ARTIFACT_NAME, metadata=metadata)
-    result = {
+    artifact = save(model, out / ARTIFACT_NAME, metadata=metadata)
+    outcome = {
         "kind": "train",
         "command": common.command_line(argv),
         "model": loaded.to_dict(),
@@ -97,8 +110,8 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
         "provenance": report.provenance(seed=args.seed, data=args.data, convention="macs",
                                         command=common.command_line(argv)),
     }
-    report.write_json(out / report.METRICS_NAME, result)
-    console.table(["", "test top-1"], [["before", f"{before['top1']:.2f}%"],
-                                       ["after (final epoch)", f"{record['test_top1_final_epoch']:.2f}%"]])
+    report.write_json(out / report.METRICS_NAME, outcome)
+    console.table(["", "test top-1"], [["before", report.pct(before["top1"])],
+                                       ["after (final epoch)", report.pct(record["test_top1_final_epoch"])]])
     console.out(f"wrote {artifact} and {out / report.METRICS_NAME}")
-    return result
+    return outcome

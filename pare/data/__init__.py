@@ -33,6 +33,7 @@ from pare.data.splits import calibration_batches, train_val_split
 from pare.data.transforms import (
     NORMALIZATION,
     ImageNetTransform,
+    Normalization,
     center_crop,
     hflip,
     normalization_stats,
@@ -51,6 +52,7 @@ __all__ = [
     "ImageNetTransform",
     "ImageSubset",
     "InMemoryLoader",
+    "Normalization",
     "ShardedSampler",
     "StreamLoader",
     "cache_dir",

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pare.data.dataset import ImageDataset, ImageSubset, resolve_tensors
 from pare.data.images import ImageFolderStream
-from pare.data.transforms import ImageNetTransform, random_crop_flip, seeded_generator, to_float
+from pare.data.transforms import ImageNetTransform, Normalization, random_crop_flip, seeded_generator, to_float
 from pare.errors import ConfigError
 
 # (uint8 batch (B, C, H, W), generator) -> uint8 batch of the same shape.
@@ -48,7 +48,7 @@ class InMemoryLoader:
         *,
         shuffle: bool = True,
         augment: str | BatchAugment | None = None,
-        normalization: str = "cifar",
+        normalization: str | Normalization = "cifar",
         seed: int = 0,
         drop_last: bool = False,
         rank: int = 0,

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pare.data.dataset import ImageDataset, ImageSubset, resolve_tensors
-from pare.data.transforms import seeded_generator, to_float
+from pare.data.transforms import Normalization, seeded_generator, to_float
 from pare.errors import ConfigError, DataError
 
 
@@ -40,7 +40,7 @@ def calibration_batches(
     batch_size: int,
     *,
     seed: int = 0,
-    normalization: str = "cifar",
+    normalization: str | Normalization = "cifar",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed, seeded, non-augmented sample of ``n_images`` from ``dataset`` (pass the training split, with
     the validation part already held out), as normalised batches.

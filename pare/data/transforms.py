@@ -4,6 +4,7 @@ per-image random-resized-crop / resize / center-crop / flip for streamed folders
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,17 +36,53 @@ def seeded_generator(*parts: int) -> torch.Generator:
     return gen
 
 
-def normalization_stats(name: str, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) float32 tensors of shape (C, 1, 1) for preset ``name``, or None for "none"."""
-    if name not in NORMALIZATION:
-        raise ConfigError(f"unknown normalization {name!r}; choose one of {', '.join(NORMALIZATION)}")
-    stats = NORMALIZATION[name]
-    if stats is None:
+@dataclass(frozen=True)
+class Normalization:
+    """How uint8 images become model inputs: x / 255, then (x - mean) / std per channel (None: no shift).
+
+    ``name``: the preset it came from (:data:`NORMALIZATION`), or "custom". Build it with :meth:`preset` or
+    with explicit ``mean``/``std`` (one value per channel, std > 0).
+    """
+
+    name: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("normalization: mean and std must be given together")
+        if self.mean is not None and self.std is not None:
+            object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+            object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+            if len(self.mean) != len(self.std):
+                raise ConfigError(f"normalization: {len(self.mean)} mean values but {len(self.std)} std values")
+            if any(v <= 0 for v in self.std):
+                raise ConfigError(f"normalization std values must be > 0, got {list(self.std)}")
+
+    @classmethod
+    def preset(cls, name: str) -> Normalization:
+        """The preset ``name`` of :data:`NORMALIZATION`; ConfigError for an unknown name."""
+        if name not in NORMALIZATION:
+            raise ConfigError(f"unknown normalization {name!r}; choose one of {', '.join(NORMALIZATION)}")
+        stats = NORMALIZATION[name]
+        return cls(name, *(stats if stats is not None else (None, None)))
+
+    def to_dict(self) -> dict[str, str | list[float] | None]:
+        return {"name": self.name, "mean": list(self.mean) if self.mean else None,
+                "std": list(self.std) if self.std else None}
+
+
+def normalization_stats(name: str | Normalization, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, std) float32 tensors of shape (C, 1, 1) for a preset name or a :class:`Normalization`, or None
+    when it does not shift ("none")."""
+    norm = name if isinstance(name, Normalization) else Normalization.preset(name)
+    if norm.mean is None or norm.std is None:
         return None
-    mean, std = stats
+    mean, std = norm.mean, norm.std
     if len(mean) != channels:
         raise ConfigError(
-            f"normalization {name!r} is for {len(mean)}-channel images, the data have {channels}"
+            f"normalization {norm.name!r} has {len(mean)} values (one per channel) but the images have {channels} "
+            "channels"
         )
     return (
         torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
@@ -53,7 +90,7 @@ def normalization_stats(name: str, channels: int) -> tuple[torch.Tensor, torch.T
     )
 
 
-def to_float(images: torch.Tensor, normalization: str = "cifar") -> torch.Tensor:
+def to_float(images: torch.Tensor, normalization: str | Normalization = "cifar") -> torch.Tensor:
     """uint8 (N, C, H, W) or (C, H, W) -> float32 of the same shape: x / 255, then (x - mean) / std."""
     channels = images.shape[-3]
     stats = normalization_stats(normalization, channels)

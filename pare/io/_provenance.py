@@ -62,10 +62,10 @@ def created_utc(reproducible: bool = False) -> str | None:
 def build_provenance(metadata: dict[str, Any] | None = None, *, reproducible: bool = False) -> dict[str, Any]:
     """Provenance record: versions, git commit, UTC timestamp (see :func:`created_utc`), plus the user's
     JSON-able ``metadata``."""
-    import pare
+    from pare.version import __version__
 
     provenance: dict[str, Any] = {
-        "pare_version": pare.__version__,
+        "pare_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "created_utc": created_utc(reproducible),

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pare import models
 from pare.errors import CheckpointError, PareError
 from pare.io._atomic import atomic_write_bytes
 from pare.io._fxjson import build_graph_module, graph_from_json, graph_to_json
@@ -409,16 +410,8 @@ def _rebuild(
 
 
 def _create_zoo_model(zoo: Any, path: Path) -> nn.Module:
-    if (
-        not isinstance(zoo, dict)
-        or not isinstance(zoo.get("name"), str)
-        or not isinstance(zoo.get("kwargs"), dict)
-    ):
+    if not isinstance(zoo, dict) or not isinstance(zoo.get("name"), str) or not isinstance(zoo.get("kwargs"), dict):
         raise CheckpointError(f"{path}: artifact zoo entry is malformed")
-    try:
-        from pare import models
-    except ImportError as exc:
-        raise CheckpointError(f"{path}: needs the pare model zoo ({exc}); pass skeleton= instead") from None
     try:
         # Built on the meta device: every tensor comes from the file, so a file claiming an enormous zoo model
         # cannot make pare allocate more than the file holds.

@@ -27,6 +27,7 @@ from torch import nn
 from pare.errors import ConfigError
 from pare.graph import ChannelGraph
 from pare.methods.fold import channel_slice
+from pare.train.hooks import Hook
 
 __all__ = ["EVIDENCE", "LABEL", "SUMMARY", "DacpHook", "DacpSelection", "connectivity_weights", "dacp_penalty",
            "dacp_removals", "group_norms"]
@@ -91,7 +92,7 @@ def _default_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
 
 
-class DacpHook:
+class DacpHook(Hook):
     """Trainer hook adding the DACP-style penalty (reconstructed from the abstract) in ``on_loss``.
 
     ``layers``: conv paths to penalise (default: every non-grouped Conv2d). aₖ, bₘ are recomputed without

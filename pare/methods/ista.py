@@ -30,6 +30,7 @@ from pare.methods.fold import (
     penalised_groups,
     remove_constant_channels,
 )
+from pare.train.hooks import Hook
 
 __all__ = [
     "ConstantRemoval",
@@ -111,7 +112,7 @@ def layer_lambdas(model: nn.Module, graph: ChannelGraph, input_hw: tuple[int, in
     return lambdas
 
 
-class IstaHook:
+class IstaHook(Hook):
     """Trainer hook: the ISTA proximal step on the penalised γ after every optimizer step.
 
     ``lambdas``: BatchNorm path -> λₗ (from :func:`layer_lambdas`); only those γ are touched, every other

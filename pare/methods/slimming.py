@@ -18,11 +18,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from pare.errors import ConfigError
 from pare.graph import ChannelGraph
 from pare.methods.fold import channel_slice
+from pare.train.hooks import Hook
 
 __all__ = ["SlimmingHook", "channel_gammas", "slimming_removals"]
 
 
-class SlimmingHook:
+class SlimmingHook(Hook):
     """Trainer hook: ``γ.grad += s·sign(γ)`` for every affine BatchNorm (or the paths in ``layers``), in
     ``after_backward``, i.e. before the optimizer step. A γ without a gradient gets ``s·sign(γ)`` as its grad."""
 

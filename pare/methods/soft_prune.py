@@ -33,6 +33,7 @@ from pare.criteria.fpgm import DISTANCES, fpgm_scores
 from pare.errors import ConfigError, PruneError
 from pare.graph import ChannelGraph, Group
 from pare.methods.fold import bn_member, channel_slice, fold_constant_channels, is_residual_group
+from pare.train.hooks import Hook
 
 __all__ = ["SCORES", "SoftPruneHook", "soft_scores"]
 
@@ -51,7 +52,7 @@ def soft_scores(filters: torch.Tensor, score: str = "fpgm", distance: str = "euc
     raise ConfigError(f"unknown soft-pruning score '{score}'; choose from {', '.join(SCORES)}")
 
 
-class SoftPruneHook:
+class SoftPruneHook(Hook):
     """Trainer hook for soft filter pruning: re-zero the ``int(rate · C)`` lowest-scoring filters of every
     target group at each epoch end (``on_epoch_end``), letting them regrow in between.
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from pare.errors import ConfigError
 from pare.layers import ZeroPadShortcut
-from pare.models.registry import register_model
+from pare.models.registry import Preprocessing, SparsitySemantics, register_model
 from pare.models.sparsity import kept_width, resolve_sparsity
 
 DEPTHS: tuple[int, ...] = (20, 32, 44, 56, 110)
@@ -255,7 +255,38 @@ def _register(depth: int, option: str) -> None:
         f"CIFAR ResNet-{depth}, {kind}. Options: sparsity= (CHIP/HRank string), widths= (flat list "
         f"[stem, mid_1, out_1, ...]), shortcut_pads= (option A)."
     )
-    register_model(factory.__name__, num_classes=10)(factory)
+    # The CHIP/HRank configurations are published for the option-A models only.
+    register_model(factory.__name__, num_classes=10, preprocessing=PREPROCESSING,
+                   sparsity=SPARSITY if option == "A" else None)(factory)
+
+
+def sparsity_length(name: str) -> int:
+    """Entries of a sparsity string for ``resnet<depth>``: stem, stage-1/2 outputs, one per block (§1.4)."""
+    depth = int(name[len("resnet"):])
+    return 3 + 3 * ((depth - 2) // 6)
+
+
+def sparsity_producers(model: nn.Module, ratios: Sequence[float]) -> dict[str, float]:
+    """Producer module -> ratio (methods.md §1.4): the stem takes ``ratios[0]``, every block's output conv (and
+    option-B shortcut conv) its stage's ``ratios[1]``/``ratios[2]`` (stage 3: 0), each block's first conv
+    ``ratios[3 + block index]``."""
+    out = {"conv1": float(ratios[0])}
+    stage_out = (ratios[1], ratios[2], 0.0)
+    index = 0
+    for stage, layer in enumerate((model.layer1, model.layer2, model.layer3)):
+        for block_number, block in enumerate(layer):
+            prefix = f"layer{stage + 1}.{block_number}"
+            out[f"{prefix}.conv1"] = float(ratios[3 + index])
+            out[f"{prefix}.conv2"] = float(stage_out[stage])
+            if isinstance(block.shortcut, nn.Sequential):
+                out[f"{prefix}.shortcut.0"] = float(stage_out[stage])
+            index += 1
+    return out
+
+
+# akamaster's pretrained CIFAR ResNets were trained on torchvision's ImageNet statistics.
+PREPROCESSING = Preprocessing(normalization="imagenet", input_size=(3, 32, 32))
+SPARSITY = SparsitySemantics(sparsity_length, sparsity_producers)
 
 
 for _depth in DEPTHS:

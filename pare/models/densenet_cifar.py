@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pare.errors import ConfigError
-from pare.models.registry import register_model
+from pare.models.registry import Preprocessing, register_model
 
 
 class DenseLayer(nn.Module):
@@ -82,7 +82,7 @@ class DenseNetCifar(nn.Module):
         return self.linear(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model("densenet_cifar", num_classes=10)
+@register_model("densenet_cifar", num_classes=10, preprocessing=Preprocessing("cifar", (3, 32, 32)))
 def densenet_cifar(
     *, num_classes: int = 10, growth_rate: int = 12, layers_per_block: int = 4, compression: float = 0.5
 ) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pare.errors import ConfigError
-from pare.models.registry import register_model
+from pare.models.registry import Preprocessing, SparsitySemantics, register_model
 from pare.models.sparsity import kept_width, resolve_sparsity
 
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
@@ -180,19 +180,41 @@ def _check_widths(widths: Sequence[int], expected_len: int, name: str) -> list[i
     return [int(width) for width in widths]
 
 
-@register_model("resnet18", num_classes=1000)
+def sparsity_producers(model: nn.Module, ratios: Sequence[float]) -> dict[str, float]:
+    """Producer module -> ratio for ResNet-50 (methods.md §1.4): the stem takes ``ratios[0]``, each stage's
+    output convs (last conv of every block, downsample conv) ``ratios[1..3]`` (stage 4: 0), the two inner convs
+    of the k-th block ``ratios[4 + k]``."""
+    out = {"conv1": float(ratios[0])}
+    stage_out = (ratios[1], ratios[2], ratios[3], 0.0)
+    index = 0
+    for stage, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
+        for block_number, block in enumerate(layer):
+            prefix = f"layer{stage + 1}.{block_number}"
+            out[f"{prefix}.conv1"] = out[f"{prefix}.conv2"] = float(ratios[4 + index])
+            out[f"{prefix}.conv3"] = float(stage_out[stage])
+            if block.downsample is not None:
+                out[f"{prefix}.downsample.0"] = float(stage_out[stage])
+            index += 1
+    return out
+
+
+PREPROCESSING = Preprocessing(normalization="imagenet", input_size=(3, 224, 224), interpolation="bilinear")
+SPARSITY = SparsitySemantics(lambda name: 20, sparsity_producers)
+
+
+@register_model("resnet18", num_classes=1000, preprocessing=PREPROCESSING)
 def resnet18(*, num_classes: int = 1000, widths: Sequence[int] | None = None) -> nn.Module:
     """ImageNet ResNet-18 (torchvision keys, 11,689,512 params). Option: widths= (flat list)."""
     return ImageNetResNet(18, default_widths(18) if widths is None else widths, num_classes)
 
 
-@register_model("resnet34", num_classes=1000)
+@register_model("resnet34", num_classes=1000, preprocessing=PREPROCESSING)
 def resnet34(*, num_classes: int = 1000, widths: Sequence[int] | None = None) -> nn.Module:
     """ImageNet ResNet-34 (torchvision keys, 21,797,672 params). Option: widths= (flat list)."""
     return ImageNetResNet(34, default_widths(34) if widths is None else widths, num_classes)
 
 
-@register_model("resnet50", num_classes=1000)
+@register_model("resnet50", num_classes=1000, preprocessing=PREPROCESSING, sparsity=SPARSITY)
 def resnet50(
     *,
     num_classes: int = 1000,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pare.errors import ConfigError
-from pare.models.registry import register_model
+from pare.models.registry import Preprocessing, register_model
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper's Table 2.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -116,7 +116,8 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_model("mobilenet_v2", num_classes=1000)
+@register_model("mobilenet_v2", num_classes=1000,
+                preprocessing=Preprocessing("imagenet", (3, 224, 224), "bilinear"))
 def mobilenet_v2(*, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
     """MobileNetV2 (torchvision keys). Options: width_mult= (channel multiplier), dropout=."""
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult, dropout=dropout)

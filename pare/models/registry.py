@@ -20,17 +20,45 @@ from torch import nn
 from pare.errors import ConfigError
 
 ModelFactory = Callable[..., nn.Module]
+# model, per-layer ratios of a sparsity string -> {producer module path: ratio removed}
+SparsityMap = Callable[[nn.Module, Sequence[float]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the family's pretrained weights expect their inputs (as timm's ``pretrained_cfg``).
+
+    ``normalization``: a preset of :data:`pare.data.NORMALIZATION` (uint8 -> x / 255 -> (x - mean) / std);
+    ``input_size``: (C, H, W) of one image, None when the family takes any size (the data decide);
+    ``interpolation``: resampling used when images must be resized.
+    """
+
+    normalization: str = "none"
+    input_size: tuple[int, int, int] | None = None
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class SparsitySemantics:
+    """What a CHIP/HRank sparsity string means for a family (methods.md §1.4): how many ratios it holds for a
+    model (``length(model_name)``) and which producer module takes which ratio (``producer_map``)."""
+
+    length: Callable[[str], int]
+    producer_map: SparsityMap
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One registered model: its canonical name, factory, default class count and aliases."""
+    """One registered model: its canonical name, factory, default class count, aliases, the preprocessing its
+    weights expect and, for families with CHIP/HRank configurations, the meaning of a sparsity string."""
 
     name: str
     factory: ModelFactory
     default_num_classes: int
     aliases: tuple[str, ...]
     description: str
+    preprocessing: Preprocessing = Preprocessing()
+    sparsity: SparsitySemantics | None = None
 
 
 _ENTRIES: dict[str, ModelEntry] = {}
@@ -43,10 +71,13 @@ def register_model(
     num_classes: int = 10,
     aliases: Sequence[str] = (),
     description: str = "",
+    preprocessing: Preprocessing = Preprocessing(),
+    sparsity: SparsitySemantics | None = None,
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator that registers ``factory`` under ``name`` (default: the function's name) and ``aliases``.
 
-    ``num_classes`` is the default class count used when :func:`create` is not given one.
+    ``num_classes`` is the default class count used when :func:`create` is not given one; ``preprocessing``
+    and ``sparsity`` are the family's knowledge (see :class:`Preprocessing`, :class:`SparsitySemantics`).
     """
 
     def decorator(factory: ModelFactory) -> ModelFactory:
@@ -58,7 +89,8 @@ def register_model(
             if key in _ENTRIES or key in _ALIASES:
                 raise ValueError(f"model name {key!r} is registered twice")
         doc = description or (inspect.getdoc(factory) or "").split("\n", 1)[0]
-        _ENTRIES[canonical] = ModelEntry(canonical, factory, int(num_classes), tuple(aliases), doc)
+        _ENTRIES[canonical] = ModelEntry(canonical, factory, int(num_classes), tuple(aliases), doc,
+                                         preprocessing, sparsity)
         for alias in aliases:
             _ALIASES[alias] = canonical
         return factory

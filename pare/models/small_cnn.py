@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pare.errors import ConfigError
-from pare.models.registry import register_model
+from pare.models.registry import Preprocessing, register_model
 
 
 class SmallCNN(nn.Module):
@@ -47,7 +47,8 @@ class SmallCNN(nn.Module):
         return self.linear(torch.flatten(self.avgpool(out), 1))
 
 
-@register_model("small_cnn", num_classes=10)
+# Digits and MNIST: one channel, any size (8x8 digits, 28x28 MNIST).
+@register_model("small_cnn", num_classes=10, preprocessing=Preprocessing("mnist"))
 def small_cnn(*, num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
     """Tiny residual CNN for digits / MNIST. Options: in_channels=, width= (channels of the first stage)."""
     return SmallCNN(in_channels=in_channels, num_classes=num_classes, width=width)

@@ -12,7 +12,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from pare.errors import ConfigError
+from torch import nn
+
+from pare.errors import BudgetError, ConfigError
 
 # One term: "[<float>]" optionally followed by "*<count>". The float accepts the forms Python writes
 # ("0.", ".5", "0.15", "1e-1"); the count is a positive decimal integer.
@@ -82,3 +84,25 @@ def kept_width(channels: int, ratio: float, what: str) -> int:
 def _check_ratio(ratio: float, where: str) -> None:
     if not math.isfinite(ratio) or ratio < 0.0 or ratio >= 1.0:
         raise ConfigError(f"{where}: ratio {ratio} is outside [0, 1)")
+
+
+def producer_ratios(model: nn.Module, sparsity: str | Sequence[float], model_name: str | None = None
+                    ) -> dict[str, float]:
+    """Per producer module path, the CHIP/HRank ratio that a sparsity string assigns (methods.md §1.4), as the
+    model's family defines it (:class:`pare.models.registry.SparsitySemantics`).
+
+    ``model_name`` defaults to the zoo name recorded by :func:`pare.models.create` (``model.pare_zoo``).
+    Raises BudgetError for a model whose family gives sparsity strings no meaning.
+    """
+    from pare.models.registry import get_entry, list_models
+
+    name = model_name or getattr(model, "pare_zoo", {}).get("name")
+    semantics = get_entry(name).sparsity if isinstance(name, str) and name in list_models(True) else None
+    if semantics is None:
+        known = [n for n in list_models() if get_entry(n).sparsity is not None]
+        raise BudgetError(
+            f"sparsity strings have semantics only for zoo models {', '.join(known)}; got {name!r} "
+            "(build the model with pare.models.create or pass model_name)"
+        )
+    canonical = get_entry(name).name
+    return semantics.producer_map(model, resolve_sparsity(sparsity, semantics.length(canonical), canonical))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pare.errors import ConfigError
-from pare.models.registry import register_model
+from pare.models.registry import Preprocessing, SparsitySemantics, register_model
 from pare.models.sparsity import kept_width, resolve_sparsity
 
 VGG16_CFG: tuple[int | str, ...] = (
@@ -114,7 +114,20 @@ def _check_widths(widths: Sequence[int]) -> list[int]:
     return [int(width) for width in widths]
 
 
-@register_model("vgg16_bn_cifar", num_classes=10, aliases=("vgg16",))
+def sparsity_producers(model: nn.Module, ratios: Sequence[float]) -> dict[str, float]:
+    """Producer module -> ratio (methods.md §1.4): the i-th conv takes ``ratios[i]`` (the last convs, beyond
+    the string's 12 entries, take 0)."""
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    return {name: (float(ratios[i]) if i < len(ratios) else 0.0) for i, name in enumerate(convs)}
+
+
+# The HRank/CHIP VGG-16 was trained on the CIFAR-10 statistics.
+PREPROCESSING = Preprocessing(normalization="cifar", input_size=(3, 32, 32))
+SPARSITY = SparsitySemantics(lambda name: 12, sparsity_producers)
+
+
+@register_model("vgg16_bn_cifar", num_classes=10, aliases=("vgg16",), preprocessing=PREPROCESSING,
+                sparsity=SPARSITY)
 def vgg16_bn_cifar(
     *,
     num_classes: int = 10,

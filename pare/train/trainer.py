@@ -18,9 +18,7 @@ Design points (methods.md §7.3, §7.4):
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
 import sys
@@ -32,21 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pare.errors import CheckpointError, ConfigError, TrainingDivergedError
+from pare.errors import CheckpointError, ConfigError
 from pare.evaluate import evaluate
-from pare.train.checkpoint import (
-    CHECKPOINT_NAME,
-    FORMAT_VERSION,
-    RngFork,
-    atomic_torch_save,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-)
+from pare.train.checkpoint import CHECKPOINT_NAME, RngFork, capture_rng_state, restore_rng_state
 from pare.train.distributed import (
     DistContext,
     begin_epoch,
@@ -56,11 +45,19 @@ from pare.train.distributed import (
     setup_distributed,
     sync_batchnorm_stats,
 )
+from pare.train.hooks import TrainHook, check_hooks
 from pare.train.recipe import Recipe, lr_at
+from pare.train.resume import (
+    MetricsWriter,
+    ResumeState,
+    clean_stale_temp_files,
+    fresh_sums,
+    state_dict_cpu,
+)
+from pare.train.step import Loop, build_optimizer, train_step
 
 log = logging.getLogger("pare.train")
 
-METRICS_NAME = "metrics.jsonl"
 
 
 
@@ -98,37 +95,6 @@ def _order_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 0x5EED) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        images, labels = batch[0], batch[1]
-    elif isinstance(batch, dict) and "images" in batch and "labels" in batch:
-        images, labels = batch["images"], batch["labels"]
-    else:
-        raise ConfigError(f"a batch must be (images, labels); got {type(batch).__name__}")
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise ConfigError("a batch must hold tensors (images, labels)")
-    return images, labels
-
-
-def _to_device(
-    images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(device, non_blocking=True)
-    if channels_last and images.dim() == 4:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
-
-
-def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
-    # Soft/one-hot targets (N, C) count as correct when their argmax is predicted.
-    targets = labels.argmax(dim=1) if labels.dim() == 2 else labels
-    return int((logits.argmax(dim=1) == targets).sum().item())
-
-
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
-
-
 def _evaluate(
     model: nn.Module, loader: Iterable[Any], device: torch.device, recipe: Recipe, sharded: bool
 ) -> dict[str, float]:
@@ -143,52 +109,7 @@ def _evaluate(
         amp=recipe.amp,
         all_reduce=sharded,
     )
-    return {"loss": float(out["loss"]), "acc": float(out["top1"]) / 100.0}
-
-
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:
-    """SGD with the recipe's momentum/nesterov/weight decay. With ``no_decay_bn_bias`` every parameter of dim
-    <= 1 (BN/LayerNorm scales and shifts, biases) is put in a group with weight decay 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameters")
-    if recipe.no_decay_bn_bias:
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
-        groups: list[dict[str, Any]] = [
-            {"params": decay, "weight_decay": recipe.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
-    else:
-        groups = [{"params": params, "weight_decay": recipe.weight_decay}]
-    return torch.optim.SGD(
-        groups,
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov,
-        weight_decay=recipe.weight_decay,
-    )
-
-
-def _task_loss(
-    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, recipe: Recipe
-) -> torch.Tensor:
-    """(1 − α)·CE(label-smoothed) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)); α = 0 without a
-    teacher."""
-    hard = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
-    if teacher_logits is None or recipe.distill_alpha == 0.0:
-        return hard
-    temperature = recipe.distill_temperature
-    soft = F.kl_div(
-        F.log_softmax(logits.float() / temperature, dim=1),
-        F.log_softmax(teacher_logits.float() / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (
-        temperature * temperature
-    )  # T² keeps the soft-target gradient scale independent of T (Hinton et al.)
-    return (1.0 - recipe.distill_alpha) * hard + recipe.distill_alpha * soft
+    return {"loss": float(out["loss"]), "acc": float(out["top1"])}
 
 
 def _show_progress(progress: bool | None, ctx: DistContext) -> bool:
@@ -197,13 +118,6 @@ def _show_progress(progress: bool | None, ctx: DistContext) -> bool:
     if progress is True:
         return True
     return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def _call_hooks(hooks: Sequence[Any], name: str, *args: Any) -> None:
-    for hook in hooks:
-        method = getattr(hook, name, None)
-        if method is not None:
-            method(*args)
 
 
 def _epoch_batches(loader: Iterable[Any], order_seed: int, steps: int) -> Iterator[Any]:
@@ -226,39 +140,6 @@ def _epoch_batches(loader: Iterable[Any], order_seed: int, steps: int) -> Iterat
             raise ConfigError(
                 f"the train loader produced {produced} batches but its len() is {steps}"
             ) from None
-
-
-class _MetricsWriter:
-    """Appends one JSON line per epoch to ``out_dir/metrics.jsonl`` (rank 0 only)."""
-
-    def __init__(self, out_dir: Path | None, enabled: bool):
-        self.path = out_dir / METRICS_NAME if out_dir is not None and enabled else None
-
-    def rewrite(self, history: list[dict[str, Any]]) -> None:
-        # On resume the file is rebuilt from the checkpoint, so a crash between checkpoint and append loses
-        # nothing.
-        if self.path is None:
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in history:
-                handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-
-    def append(self, row: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-
-
-def _clean_stale_temp_files(out_dir: Path) -> None:
-    # A SIGKILL during atomic_torch_save leaves its temp file behind; the real checkpoint is untouched.
-    for stale in out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def fit(
@@ -309,32 +190,20 @@ def fit(
         raise ConfigError(f"checkpoint_every_steps must be an int >= 0, got {checkpoint_every_steps}")
     if teacher is not None and recipe.distill_alpha == 0.0:
         log.warning("a teacher was given but recipe.distill_alpha is 0: distillation is off")
+    checked = check_hooks(hooks)
     ctx = setup_distributed(device)
+    # The run seeds the global Python/NumPy/torch streams from the recipe (dropout, augmentation); the fork gives
+    # the caller its own states back afterwards, so fit() leaves no hidden state behind.
     try:
-        return _fit(
-            model,
-            train_loader,
-            val_loader,
-            recipe,
-            test_loader=test_loader,
-            teacher=teacher,
-            out_dir=Path(out_dir) if out_dir is not None else None,
-            resume=resume,
-            ctx=ctx,
-            hooks=tuple(hooks),
-            progress=progress,
-            keep_best=keep_best,
-            checkpoint_every_steps=checkpoint_every_steps,
-            sync_bn=sync_bn,
-        )
+        with RngFork():
+            return _fit(model, train_loader, val_loader, recipe, test_loader=test_loader, teacher=teacher,
+                        out_dir=Path(out_dir) if out_dir is not None else None, resume=resume, ctx=ctx,
+                        hooks=checked, progress=progress, keep_best=keep_best,
+                        checkpoint_every_steps=checkpoint_every_steps, sync_bn=sync_bn)
     except RuntimeError as exc:  # a collective timed out or a peer vanished: one clear DistributedError
         raise distributed_error(exc, ctx, Path(out_dir) / CHECKPOINT_NAME if out_dir else None) from None
     finally:
         ctx.close()
-
-
-def _state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def _fit(
@@ -348,7 +217,7 @@ def _fit(
     out_dir: Path | None,
     resume: bool,
     ctx: DistContext,
-    hooks: tuple[Any, ...],
+    hooks: tuple[TrainHook, ...],
     progress: bool | None,
     keep_best: bool,
     checkpoint_every_steps: int,
@@ -382,132 +251,70 @@ def _fit(
         if len(set(counts)) != 1:
             raise ConfigError(f"ranks disagree on batches per epoch: {counts}; shard the data evenly")
 
-    # Per-rank streams (dropout, augmentation); data order uses its own (seed, epoch) stream.
+    # Per-rank streams (dropout, augmentation) seeded from the recipe; fit() restores the caller's RNG states
+    # when it returns. Data order uses its own (seed, epoch) stream (_epoch_batches).
     random.seed(recipe.seed + ctx.rank)
     np.random.seed((recipe.seed + ctx.rank) % 2**32)
     torch.manual_seed(recipe.seed + ctx.rank)
 
-    start_epoch, start_step, global_step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best_val_acc, best_val_epoch = -math.inf, -1
-    best_state: dict[str, torch.Tensor] | None = None
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0, "lr_first": 0.0}
-    pending_rng: dict[str, Any] | None = None
-    resumed_from: tuple[int, int] | None = None
+    state = ResumeState()
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-
     if out_dir is not None and ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale_temp_files(out_dir)
+        clean_stale_temp_files(out_dir)
     ctx.barrier()
     if ckpt_path is not None and resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("recipe") != recipe.to_dict():
-            raise CheckpointError(
-                f"{ckpt_path} was written with another recipe; use a new out_dir or resume=False"
-            )
-        if state.get("world_size") != ctx.world_size:
-            raise CheckpointError(
-                f"{ckpt_path} was written with world size {state.get('world_size')}, "
-                f"this run has {ctx.world_size}"
-            )
-        if state.get("steps_per_epoch") != steps_per_epoch:
-            raise CheckpointError(
-                f"{ckpt_path} has {state.get('steps_per_epoch')} steps per epoch, "
-                f"this loader {steps_per_epoch}"
-            )
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(
-                f"{ckpt_path} does not match this model: {str(exc).splitlines()[0]}"
-            ) from exc
-        for hook, hook_state in zip(hooks, state.get("hooks", [])):
-            if hook_state is not None and hasattr(hook, "load_state_dict"):
-                hook.load_state_dict(hook_state)
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        history = list(state["history"])
-        best_val_acc, best_val_epoch = state["best_val_acc"], state["best_val_epoch"]
-        best_state = state.get("best_state")
-        sums = dict(state["epoch_sums"])
-        pending_rng = state["rng"][ctx.rank]
-        resumed_from = (start_epoch, start_step)
+        state = ResumeState.load(ckpt_path, recipe=recipe, world_size=ctx.world_size, rank=ctx.rank,
+                                 steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer,
+                                 scaler=scaler, hooks=hooks)
         if ctx.is_main:
-            log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
+            log.info("resuming from %s at epoch %d step %d", ckpt_path, state.epoch, state.step)
 
-    metrics = _MetricsWriter(out_dir, ctx.is_main)
-    if resumed_from is not None:
-        metrics.rewrite(history)
+    metrics = MetricsWriter(out_dir, ctx.is_main)
+    if state.resumed_from is not None:
+        metrics.rewrite(state.history)
     elif ckpt_path is not None and ctx.is_main:
         metrics.rewrite([])
 
     train_model: nn.Module = model
     if ctx.is_distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    loop = Loop(model, train_model, teacher, recipe, optimizer, scaler, hooks, dev, use_amp)
 
     def save_checkpoint(epoch: int, step: int) -> None:
         """``epoch``/``step`` name the next step to run."""
         sync_batchnorm_stats(model, ctx)
         rng_all = ctx.all_gather_object(capture_rng_state())
-        if ckpt_path is None or not ctx.is_main:
-            return
-        hook_states = [hook.state_dict() if hasattr(hook, "state_dict") else None for hook in hooks]
-        atomic_torch_save(
-            {
-                "format": "pare.train",
-                "version": FORMAT_VERSION,
-                "recipe": recipe.to_dict(),
-                "world_size": ctx.world_size,
-                "steps_per_epoch": steps_per_epoch,
-                "epoch": epoch,
-                "step": step,
-                "global_step": global_step,
-                "model": _state_dict_cpu(model),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_all,
-                "hooks": hook_states,
-                "history": history,
-                "best_val_acc": best_val_acc,
-                "best_val_epoch": best_val_epoch,
-                "best_state": best_state,
-                "epoch_sums": dict(sums),
-            },
-            ckpt_path,
-        )
+        if ckpt_path is not None and ctx.is_main:
+            state.save(ckpt_path, epoch=epoch, step=step, recipe=recipe, world_size=ctx.world_size,
+                       steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer, scaler=scaler,
+                       hooks=hooks, rng_all=rng_all)
 
     show = _show_progress(progress, ctx)
+    start_epoch, start_step = state.epoch, state.step
     for epoch in range(start_epoch, recipe.epochs):
         skip = start_step if epoch == start_epoch else 0
-        if pending_rng is not None and skip == 0:
+        if state.rng is not None and skip == 0:
             # Epoch-boundary resume: the saved state is the one the next epoch starts from.
-            restore_rng_state(pending_rng)
-            pending_rng = None
+            restore_rng_state(state.rng)
+            state.rng = None
         if skip == 0:
-            sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0, "lr_first": 0.0}
-        _call_hooks(hooks, "on_epoch_start", model, epoch)
+            state.sums = fresh_sums()
+        sums = state.sums
+        for hook in hooks:
+            hook.on_epoch_start(model, epoch)
         begin_epoch(train_loader, epoch, ctx)
         train_model.train()
         epoch_started = time.perf_counter()
         batches = _epoch_batches(train_loader, _order_seed(recipe.seed, epoch), steps_per_epoch)
         for _ in range(skip):
             next(batches)  # mid-epoch resume: re-read and drop what the interrupted run already trained on
-        if pending_rng is not None:
+        if state.rng is not None:
             # Restored only now, so reading the skipped batches cannot shift the augmentation/dropout streams.
-            restore_rng_state(pending_rng)
-            pending_rng = None
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=skip,
-            disable=not show,
-            leave=False,
-            dynamic_ncols=True,
-            desc=f"epoch {epoch + 1}/{recipe.epochs}",
-        )
+            restore_rng_state(state.rng)
+            state.rng = None
+        bar = tqdm(total=steps_per_epoch, initial=skip, disable=not show, leave=False, dynamic_ncols=True,
+                   desc=f"epoch {epoch + 1}/{recipe.epochs}")
         lr = recipe.lr
         for step in range(skip, steps_per_epoch):
             batch = next(batches)
@@ -516,112 +323,64 @@ def _fit(
                 group["lr"] = lr
             if step == 0:
                 sums["lr_first"] = lr
-            images, labels = _to_device(*_split_batch(batch), dev, recipe.channels_last)
-            teacher_logits = None
-            if teacher is not None and recipe.distill_alpha > 0:
-                with torch.no_grad(), _autocast(dev, use_amp):
-                    teacher_logits = teacher(images)
-            with _autocast(dev, use_amp):
-                logits = train_model(images)
-            task_loss = _task_loss(logits, labels, teacher_logits, recipe)
-            loss = task_loss
-            for hook in hooks:
-                on_loss = getattr(hook, "on_loss", None)
-                if on_loss is not None:
-                    loss = on_loss(model, loss, (images, labels))
-            if not torch.isfinite(loss.detach()).all():
-                raise TrainingDivergedError(
-                    f"non-finite loss {loss.item()} at epoch {epoch} step {step}; lower the LR"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # hooks and clipping must see true gradients
-            _call_hooks(hooks, "after_backward", model)
-            if recipe.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            _call_hooks(hooks, "after_step", model, optimizer, lr)
-            global_step += 1
-            n = int(labels.shape[0])
-            sums["loss"] += float(task_loss.detach().item()) * n
-            sums["correct"] += _correct(logits.detach(), labels)
-            sums["count"] += n
+            loss = train_step(loop, batch, epoch, step, lr, sums)
+            state.global_step += 1
             bar.update(1)
             if show and step % 10 == 0:
-                bar.set_postfix(loss=f"{task_loss.item():.4f}", lr=f"{lr:.2e}")
-            if (
-                checkpoint_every_steps
-                and global_step % checkpoint_every_steps == 0
-                and step + 1 < steps_per_epoch
-            ):
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if checkpoint_every_steps and state.global_step % checkpoint_every_steps == 0 \
+                    and step + 1 < steps_per_epoch:
                 sums["seconds"] += time.perf_counter() - epoch_started
                 epoch_started = time.perf_counter()
                 save_checkpoint(epoch, step + 1)
         bar.close()
         # Before validation and the epoch checkpoint, so both see (and a resume restores) what the hook did.
-        _call_hooks(hooks, "on_epoch_end", model, epoch)
-
-        train_loss_sum, train_correct, train_count = ctx.all_reduce_sum(
-            [sums["loss"], sums["correct"], sums["count"]]
-        )
+        for hook in hooks:
+            hook.on_epoch_end(model, epoch)
+        train_loss_sum, train_correct, train_count = ctx.all_reduce_sum([sums["loss"], sums["correct"],
+                                                                         sums["count"]])
         sync_batchnorm_stats(model, ctx)  # every rank evaluates and saves the same running statistics
         with RngFork():
             val = _evaluate(model, val_loader, dev, recipe, val_sharded)
-        if val["acc"] > best_val_acc:
-            best_val_acc, best_val_epoch = val["acc"], epoch
+        if val["acc"] > state.best_val_acc:
+            state.best_val_acc, state.best_val_epoch = val["acc"], epoch
             if keep_best:
-                best_state = _state_dict_cpu(model)
-        row = {
-            "epoch": epoch,
-            "lr": sums["lr_first"],
-            "lr_end": lr,
-            "train_loss": train_loss_sum / train_count,
-            "train_acc": train_correct / train_count,
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-            "seconds": sums["seconds"] + time.perf_counter() - epoch_started,
-        }
-        history.append(row)
+                state.best_state = state_dict_cpu(model)
+        row = {"epoch": epoch, "lr": sums["lr_first"], "lr_end": lr, "train_loss": train_loss_sum / train_count,
+               "train_acc": train_correct / train_count, "val_loss": val["loss"], "val_acc": val["acc"],
+               "seconds": sums["seconds"] + time.perf_counter() - epoch_started}
+        state.history.append(row)
         save_checkpoint(epoch + 1, 0)
         metrics.append(row)
         if ctx.is_main:
-            log.info(
-                "epoch %d/%d lr %.3g train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
-                epoch + 1,
-                recipe.epochs,
-                row["lr"],
-                row["train_loss"],
-                row["train_acc"],
-                row["val_loss"],
-                row["val_acc"],
-                row["seconds"],
-            )
+            log.info("epoch %d/%d lr %.3g train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs", epoch + 1,
+                     recipe.epochs, row["lr"], row["train_loss"], row["train_acc"], row["val_loss"],
+                     row["val_acc"], row["seconds"])
+    return _finish(state, model, recipe, test_loader, ctx, keep_best, ckpt_path, started)
 
+
+def _finish(state: ResumeState, model: nn.Module, recipe: Recipe, test_loader: Iterable[Any] | None,
+            ctx: DistContext, keep_best: bool, ckpt_path: Path | None, started: float) -> TrainResult:
+    """The result record: final/best validation figures and the test pass(es) after training."""
+    history = state.history
     if not history:
         raise CheckpointError("nothing was trained and the checkpoint holds no history")
     result = TrainResult(
-        recipe=recipe,
-        epochs_completed=len(history),
-        final_train_loss=history[-1]["train_loss"],
-        final_train_acc=history[-1]["train_acc"],
-        final_val_loss=history[-1]["val_loss"],
-        final_val_acc=history[-1]["val_acc"],
-        best_val_acc=best_val_acc,
-        best_val_epoch=best_val_epoch,
-        resumed_from=resumed_from,
-        checkpoint_path=ckpt_path,
-        history=history,
+        recipe=recipe, epochs_completed=len(history), final_train_loss=history[-1]["train_loss"],
+        final_train_acc=history[-1]["train_acc"], final_val_loss=history[-1]["val_loss"],
+        final_val_acc=history[-1]["val_acc"], best_val_acc=state.best_val_acc, best_val_epoch=state.best_val_epoch,
+        resumed_from=state.resumed_from, checkpoint_path=ckpt_path, history=history,
     )
+    test_sharded = False
     if test_loader is not None:
         test_loader, test_sharded = prepare_eval_loader(test_loader, ctx)
         with RngFork():
-            test = _evaluate(model, test_loader, dev, recipe, test_sharded)
+            test = _evaluate(model, test_loader, ctx.device, recipe, test_sharded)
         result.test_loss, result.test_acc = test["loss"], test["acc"]
-    if keep_best and best_state is not None:
-        model.load_state_dict(best_state)
+    if keep_best and state.best_state is not None:
+        model.load_state_dict(state.best_state)
         if test_loader is not None:
             with RngFork():
-                result.test_acc_best_val = _evaluate(model, test_loader, dev, recipe, test_sharded)["acc"]
+                result.test_acc_best_val = _evaluate(model, test_loader, ctx.device, recipe, test_sharded)["acc"]
     result.seconds = time.perf_counter() - started
     return result

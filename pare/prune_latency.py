@@ -4,7 +4,7 @@ MACs are a proxy: on a CPU, 2x fewer MACs rarely means 2x less time (memory-boun
 vector units badly, fixed per-layer overheads). :func:`prune_to_latency` therefore treats the MACs budget as a
 knob and searches it against the measured wall time:
 
-1. The allocation is the usual one (:func:`pare.prune.prune` with ``Budget(macs_reduction=m)``): the criterion
+1. The allocation is the usual one (:func:`pare.prune` with ``Budget(macs_reduction=m)``): the criterion
    ranks channels once (scores are cached across the search) and the allocation decides how many each group
    loses for a given ``m``.
 2. ``m`` is searched by a safeguarded secant method (regula falsi kept inside the bracket) on the measured
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,17 +28,14 @@ from torch import nn
 from pare.allocate.budget import Budget
 from pare.allocate.search import CostModel
 from pare.allocate.strategies import Constraints, allowed_counts, eligible_groups
+from pare.config import PruneConfig, RepairConfig
 from pare.criteria.base import Criterion, ScoreContext, get_criterion
 from pare.errors import BudgetError, ConfigError
 from pare.graph import Group, trace
 from pare.latency import BACKENDS, compare_latency
-
-if TYPE_CHECKING:
-    from pare.prune import PruneResult
+from pare.prune import Batch, PruneResult, prune
 
 Measure = Callable[[nn.Module], float]
-# prune() options that prune_to_latency sets itself.
-_RESERVED = ("target",)
 # Below this width of the bracket (in MACs reduction) further bisection cannot change the pruned model by more
 # than about one channel step of the allocation search (its tolerance is 0.005).
 _MIN_BRACKET = 0.005
@@ -76,25 +73,21 @@ class _CachedScores(Criterion):
 
 
 def max_macs_reduction(
-    model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...], **prune_kwargs: Any
+    model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...], config: PruneConfig | None = None
 ) -> float:
-    """The largest MACs reduction that :func:`pare.prune.prune` can reach under the given constraints.
+    """The largest MACs reduction (a fraction) that :func:`pare.prune.prune` can reach under ``config``.
 
     Every eligible group loses its largest allowed count (``min_channels``, ``round_to``, ``protected``,
-    ``internal_only`` and ``convention`` are read from ``prune_kwargs`` with prune's defaults).
+    ``internal_only`` and ``convention`` of ``config``).
     """
-    constraints = Constraints(
-        prune_kwargs.get("min_channels", 1),
-        prune_kwargs.get("round_to", 1),
-        tuple(prune_kwargs.get("protected", ())),
-        bool(prune_kwargs.get("internal_only", False)),
-    )
+    config = config or PruneConfig()
+    constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
     graph = trace(model, example_inputs)
     groups = eligible_groups(graph, constraints)
     if not groups:
         raise BudgetError("no prunable group is left after the constraints (protected / internal_only)")
     plan = {g.id: allowed_counts(g, constraints)[-1] for g in groups}
-    cost = CostModel(model, graph, example_inputs, prune_kwargs.get("convention", "macs"))
+    cost = CostModel(model, graph, example_inputs, config.convention)
     return cost.reduction(plan, "macs")
 
 
@@ -121,8 +114,10 @@ def prune_to_latency(
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     reduction: float,
-    criterion: Any = "l1",
-    data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    criterion: str | Criterion = "l1",
+    data: Sequence[Batch] | None = None,
+    config: PruneConfig | None = None,
+    repair: RepairConfig | None = None,
     backend: str = "eager",
     threads: int | None = None,
     tolerance: float = 0.02,
@@ -131,7 +126,6 @@ def prune_to_latency(
     warmup: int = 5,
     rounds: int = 3,
     max_steps: int = 8,
-    **prune_kwargs: Any,
 ) -> PruneResult:
     """Prune ``model`` until its measured latency on this device is ``reduction`` lower (0.4 = 40% less time).
 
@@ -140,7 +134,8 @@ def prune_to_latency(
         example_inputs: the batch to time and trace, e.g. ``torch.randn(1, 3, 224, 224)``: its batch size and
             resolution are the deployment setting the latency refers to.
         reduction: fraction of the dense latency to remove, in [0, 1).
-        criterion, data: as in :func:`pare.prune.prune`; the criterion's scores are computed once.
+        criterion, data, config, repair: as in :func:`pare.prune.prune`; the criterion's scores are computed
+            once.
         backend: ``"eager"`` or ``"onnxruntime"`` (see :func:`pare.latency.measure_latency`).
         threads: intra-op threads for every measurement; None keeps the current setting.
         tolerance: accepted distance between the measured and the requested reduction (0.02 = 2 points).
@@ -149,7 +144,6 @@ def prune_to_latency(
         runs, warmup, rounds: timing of each search candidate (interleaved with the dense model,
             :func:`pare.latency.compare_latency`); the final measurement uses ``2 * runs``.
         max_steps: candidates tried at most.
-        prune_kwargs: passed to :func:`pare.prune.prune` (allocation, round_to, protected, compensate, ...).
 
     Returns:
         The :class:`~pare.prune.PruneResult` of the chosen candidate with ``latency`` set to ``{"before",
@@ -158,7 +152,7 @@ def prune_to_latency(
         ms)`` per candidate, in search order) and ``"within_tolerance"``}.
 
     Raises:
-        ConfigError: a bad argument (reduction outside [0, 1), unknown backend, ``target`` in prune_kwargs).
+        ConfigError: a bad argument (reduction outside [0, 1), unknown backend).
         BudgetError: the target cannot be reached: even the largest pruning the constraints allow is not fast
             enough, or no candidate within ``max_steps`` is.
     """
@@ -172,13 +166,6 @@ def prune_to_latency(
         raise ConfigError(f"unknown latency backend '{backend}'; choose from {', '.join(BACKENDS)}")
     if max_steps < 1:
         raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
-    for key in _RESERVED:
-        if key in prune_kwargs:
-            raise ConfigError(f"prune_to_latency sets '{key}' itself (from reduction); do not pass it")
-    # Imported here: pare.prune imports the pare.allocate package, which exports this module.
-    from pare.prune import _load_criteria, prune
-
-    _load_criteria()
     crit = get_criterion(criterion)
     if crit.needs_data and data is None:
         raise ConfigError(f"criterion '{crit.name}' needs calibration data: pass data=[(images, labels), ...]")
@@ -195,7 +182,7 @@ def prune_to_latency(
     def reduction_of(dense: dict[str, Any], pruned: dict[str, Any]) -> float:
         return 1.0 - pruned["median_ms"] / dense["median_ms"]
 
-    cap = max_macs_reduction(model, example_inputs, **prune_kwargs)
+    cap = max_macs_reduction(model, example_inputs, config)
     searched: list[tuple[float, float]] = []
     lo: tuple[float, float] = (0.0, 0.0)
     hi: tuple[float, float] | None = None
@@ -204,7 +191,7 @@ def prune_to_latency(
     m = min(float(reduction), cap)
     for _ in range(max_steps):
         result = prune(model, example_inputs, criterion=cached, target=Budget(macs_reduction=m), data=data,
-                       **prune_kwargs)
+                       config=config, repair=repair)
         dense_t, cand_t = timed_pair(result.model, runs)
         r = reduction_of(dense_t, cand_t)
         searched.append((result.macs_reduction, cand_t["median_ms"]))
