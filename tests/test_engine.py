@@ -250,8 +250,8 @@ def test_verify_detects_a_wrong_surgery(monkeypatch):
 
     original = rules.ConvRule.rebuild
 
-    def corrupt(self, ctx, node, m):
-        new = original(self, ctx, node, m)
+    def corrupt(self, ctx, node, m, keep):
+        new = original(self, ctx, node, m, keep)
         if new is not None and node.target == "layer2.0.conv2":
             with torch.no_grad():
                 new.weight[0, 0, 0, 0] += 1.0
