@@ -88,8 +88,8 @@ class _Tracer(fx.Tracer):
 
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, TrainingFlag):
-            if not a.path:
-                return a.value
+            if not a.path:  # the root's own flag: a GraphModule built from it has the same attribute
+                return self.create_node("get_attr", "training", (), {})
             owner = self.create_node("get_attr", a.path, (), {})
             return self.create_node("call_function", training_flag, (owner,), {})
         return super().create_arg(a)
@@ -164,10 +164,7 @@ def symbolic_trace(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
         for m in root.modules():
             m.training = flags.get(m, model.training)
     gm = fx.GraphModule(root, graph, type(model).__name__)
-    gm.train(model.training)
-    for path, m in model.named_modules():
-        if path and path in dict(gm.named_modules()):
-            gm.get_submodule(path).training = m.training
+    gm.training = model.training  # only the root: its children are the user's modules, with their own flags
     for path in opaque:
         warnings.warn(f"pare: submodule '{path}' {reasons[path]}; its channels are frozen unless pare has a rule "
                       "for it", stacklevel=3)
