@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pare.allocate.budget import Budget
-from pare.allocate.search import CostModel, plan_at, search_order
+from pare.allocate.search import CostModel, plan_at, report_ratio_shortfall, search_order
 from pare.allocate.strategies import (
     Constraints,
     allowed_counts,
@@ -223,6 +223,7 @@ def prune(
             order = global_order(groups, scores, normalize)
             n_events = round(ratio * sum(g.size for g in groups))
             plan = plan_at(order, n_events, allowed)
+        notes += report_ratio_shortfall(groups, plan, ratio, tolerance)
     else:
         metric = "macs" if kind == "macs_reduction" else "params"
         cost = CostModel(model, graph, example_inputs, convention, base=counts_before)

@@ -298,3 +298,87 @@ def test_graph_module_keeps_train_and_eval_semantics(traced_in):
     pruned.train()
     assert not torch.equal(pruned(X), pruned(X))  # dropout and drop-path draw again
     assert isinstance(pruned.get_submodule("drop_path"), _DropPath)  # kept as a module: it branches on training
+
+
+def test_budget_search_adjusts_counts_around_the_order():
+    """A coupled group's channel weighs more than the window: the order's prefix stops at 0.194 and the old search
+    raised "cannot reach" although 3 + 4 channels of the two groups give 0.2003."""
+    from pare.allocate.search import search_order
+
+    weight = {"big": 0.0485, "mid": 0.0137}
+    allowed = {"big": list(range(9)), "mid": list(range(9))}
+    order = ["big"] * 4 + ["mid"] + ["big"] * 4 + ["mid"] * 7
+
+    def reduction(plan):
+        return sum(weight[g] * n for g, n in plan.items())
+
+    plan, value = search_order(order, allowed, reduction, 0.2, 0.005)
+    assert abs(value - 0.2) <= 0.005 and plan == {"big": 3, "mid": 4}
+
+
+def test_budget_error_says_the_search_is_heuristic():
+    from pare.allocate.search import search_order
+    from pare.errors import BudgetError
+
+    with pytest.raises(BudgetError, match=r"closest found: 0.3000\); the search is heuristic"):
+        search_order(["g"] * 2, {"g": [0, 1, 2, 3]}, lambda p: 0.1 * p.get("g", 0), 0.27, 0.01)
+
+
+class _NAFBlock(nn.Module):
+    """NAFNet's block without its LayerNorm: 1x1 expand, depthwise 3x3, SimpleGate, channel attention, 1x1."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.conv2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))
+        self.conv3 = nn.Conv2d(c, c, 1)
+        self.beta = nn.Parameter(torch.rand(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv2(self.conv1(x)).chunk(2, dim=1)
+        y = a * b
+        return x + self.conv3(y * self.sca(y)) * self.beta
+
+
+def test_nafnet_style_model_meets_macs_budgets():
+    from pare.allocate import Budget
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _NAFBlock(16), _NAFBlock(16), nn.Conv2d(16, 3, 3, padding=1))
+    model.eval()
+    x = torch.randn(1, 3, 14, 14)
+    before = _snapshot(model, x)
+    for target in (0.1, 0.2, 0.3):
+        result = pare.prune(model, x, criterion="l1", target=Budget(macs_reduction=target))
+        assert abs(result.macs_reduction - target) <= 0.005
+    assert_untouched(model, x, before)
+
+
+class _RoundToNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 20, 3, padding=1), nn.Conv2d(20, 44, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(44, 24, 3, padding=1), nn.Conv2d(24, 40, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 24)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        x = torch.relu(self.c4(torch.relu(self.gn(self.c3(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_round_to_shortfall_is_a_note_and_a_warning():
+    """channel_ratio=0.5 with round_to=8 removed 31% of the channels, silently (GroupNorm(4, 24) has no count)."""
+    from pare.allocate import Budget
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="channel_ratio 0.500 asked but 0.3"):
+        result = pare.prune(_RoundToNet(), x, criterion="l1", target=Budget(channel_ratio=0.5), round_to=8)
+    assert len(result.notes) == 1 and "gn" not in result.notes[0] and "c3" in result.notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = pare.prune(_RoundToNet(), x, criterion="l1", target=Budget(channel_ratio=0.5))
+    assert quiet.notes == []
