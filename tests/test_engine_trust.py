@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -269,6 +269,7 @@ class ChannelGraph:
                 new = rule.rebuild(ctx, node, module, keep) if rule is not None and ctx.values.get(node) else None
                 if new is not None:
                     _check_not_empty(str(node.target), new)
+                    rules.unshare(new, module)
                     replacements[id(module)] = new
             elif node.op in ("call_function", "call_method"):
                 rebuild = rules.function_rebuild(node)

@@ -17,7 +17,6 @@ the analysis freezes the channels where it would not be.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -50,9 +49,33 @@ def _zero_hook(removed: torch.Tensor) -> Callable[[nn.Module, Any, Any], Any]:
     return hook
 
 
+def light_copy(model: nn.Module) -> nn.Module:
+    """A copy of every module object of ``model`` (own parameter, buffer, submodule and hook dictionaries, own
+    buffers) that shares the parameter tensors, which a forward pass only reads. Much cheaper than a deep copy of
+    the weights; hooks, modes and buffer updates on the copy never reach ``model``."""
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = object.__new__(type(m))  # not type(m).__new__: a GraphModule would get a fresh class
+        memo[id(m)] = new
+        new.__dict__ = m.__dict__.copy()
+        for key, val in m.__dict__.items():
+            if isinstance(val, dict):
+                new.__dict__[key] = type(val)(val)
+        new._buffers = type(m._buffers)(
+            (k, b.clone() if b is not None else None) for k, b in m._buffers.items()
+        )
+        new._modules = type(m._modules)((k, visit(c) if c is not None else None) for k, c in m._modules.items())
+        return new
+
+    return visit(model)
+
+
 def build_reference(graph: ChannelGraph, keep: Kept) -> nn.Module:
-    """A deep copy of ``graph.model`` whose removed channels are zeroed where produced (module docstring)."""
-    reference = copy.deepcopy(graph.model)
+    """A copy of ``graph.model`` whose removed channels are zeroed where produced (module docstring)."""
+    reference = light_copy(graph.model)
     ctx = graph.ctx
     hooked: set[str] = set()
     for node in ctx.masked_outputs:
@@ -74,8 +97,9 @@ def build_reference(graph: ChannelGraph, keep: Kept) -> nn.Module:
         except AttributeError:
             continue  # a constant fx created while tracing: the rules froze its channels
         if removed.size and isinstance(tensor, torch.Tensor):
-            with torch.no_grad():
-                tensor.index_fill_(dim, torch.as_tensor(removed, device=tensor.device), 0)
+            owner = reference.get_submodule(owner_path) if owner_path else reference
+            zeroed = tensor.detach().index_fill(dim, torch.as_tensor(removed, device=tensor.device), 0)
+            set_param(owner, name, nn.Parameter(zeroed) if isinstance(tensor, nn.Parameter) else zeroed)
     return reference
 
 
@@ -146,6 +170,8 @@ def fold_constants(graph: ChannelGraph, keep: Kept, replacements: dict[int, nn.M
         assert weight is not None
         w = weight.detach().index_select(1, removed.to(weight.device)).double()
         delta = (w.sum(tuple(range(2, w.dim()))) * const.to(w.device)).sum(1) if w.dim() > 2 else w @ const
+        keep_out = torch.as_tensor(keep.kept(graph.ctx.value(graph.ctx.const_nodes[path])), device=delta.device)
+        delta = delta.index_select(0, keep_out)
         bias = getattr(new, "bias", None)
         base = bias.detach().double() if bias is not None else torch.zeros_like(delta)
         if bias is None:

@@ -24,6 +24,7 @@ from pare.graph.rules.base import (
     flat_nodes,
     set_param,
     slice_param,
+    unshare,
 )
 from pare.graph.rules.elementwise import PER_CHANNEL_FUNCTIONS, PER_CHANNEL_MODULES, PassthroughRule
 from pare.graph.rules.norms import LayerNormRule, PerChannelRule
@@ -47,4 +48,5 @@ __all__ = [
     "LayerNormRule", "LinearRule", "ModuleRule", "PassthroughRule", "PerChannelRule", "Use", "Value",
     "clone_module", "elementwise", "flat_nodes", "function_rebuild", "function_rule", "module_rule", "norms",
     "producers", "register_function", "register_module", "set_param", "shape", "slice_param",
+    "unshare",
 ]

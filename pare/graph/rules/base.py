@@ -108,6 +108,7 @@ class Context:
         self.additive_params: set[tuple[str, int]] = set()
         #: consumer module path -> the input value it reads removed constants from (folded at surgery)
         self.const_inputs: dict[str, Value] = {}
+        self.const_nodes: dict[str, fx.Node] = {}
         self.consumer_calls: dict[str, int] = {}
         #: call_module nodes whose removed output channels the masked reference zeroes (producers, norms)
         self.masked_outputs: list[fx.Node] = []
@@ -172,12 +173,13 @@ class Context:
             self.module_out[path] = self.part.new_layout(size, "producer", path)
         return self.module_out[path]
 
-    def consumer_input(self, path: str, v: Value, foldable: bool) -> None:
+    def consumer_input(self, node: fx.Node, v: Value, foldable: bool) -> None:
         """Record that consumer ``path`` reads ``v``; freeze what its removal could not reproduce.
 
         ``foldable``: a constant on a removed input channel adds the same amount to every output position, so it
         can be folded into the bias (no zero padding around the constant, a single call of the module).
         """
+        path = str(node.target)
         calls = self.consumer_calls[path] = self.consumer_calls.get(path, 0) + 1
         if calls > 1 and path in self.const_inputs:  # one bias cannot fold the constants of several calls
             self.part.freeze(self.const_inputs[path].layout, f"'{path}' is called several times and reads "
@@ -191,6 +193,7 @@ class Context:
                                            "(e.g. sigmoid(0) = 0.5) and cannot fold it exactly (zero padding)")
             else:
                 self.const_inputs[path] = v
+                self.const_nodes[path] = node
 
 
 def flat_nodes(args: Any) -> list[fx.Node]:
@@ -235,6 +238,19 @@ def clone_module(m: nn.Module) -> nn.Module:
     if "parametrizations" in m._modules:
         new._modules["parametrizations"] = copy.deepcopy(m._modules["parametrizations"])
     return new
+
+
+def unshare(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` its own copy of every parameter and buffer it still shares with ``old`` (a BatchNorm's
+    ``num_batches_tracked``, a bias nobody sliced), so that training the pruned model never writes into the
+    user's."""
+    for store in ("_parameters", "_buffers"):
+        mine, theirs = getattr(new, store), getattr(old, store)
+        for name, t in mine.items():
+            if t is not None and theirs.get(name) is t:
+                copy_ = t.detach().clone()
+                mine[name] = nn.Parameter(copy_, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                    else copy_
 
 
 def _weight_norm_hook(m: nn.Module, name: str) -> Any:

@@ -65,7 +65,7 @@ class ConvRule(ModuleRule):
                     ctx.uses.append(Use(path, "bias", 0, v.layout, 1, "out"))
             return
         first = path not in ctx.module_out
-        ctx.consumer_input(path, v, conv_foldable(m))
+        ctx.consumer_input(node, v, conv_foldable(m))
         out = ctx.producer_output(path, m.out_channels)
         ctx.values[node] = Value(out)
         ctx.masked_outputs.append(node)
@@ -108,7 +108,7 @@ class LinearRule(ModuleRule):
             return
         ctx.module_input(path, v.layout)
         first = path not in ctx.module_out
-        ctx.consumer_input(path, v, True)
+        ctx.consumer_input(node, v, True)
         out = ctx.producer_output(path, m.out_features)
         ctx.values[node] = Value(out)
         ctx.masked_outputs.append(node)
