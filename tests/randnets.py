@@ -368,3 +368,22 @@ def random_opgraphs(seed: int, count: int) -> tuple[OpGraphs, torch.Tensor]:
     model = OpGraphs(specs).double()
     randomize_norms(model, rng)
     return model, torch.randn(2, 3, 4, 4, generator=rng, dtype=torch.float64)
+
+
+def snapshot(model: nn.Module, x: Any) -> tuple[dict[str, torch.Tensor], Any, dict[str, bool]]:
+    """State dict, output (no grad, current mode) and every module's training flag, to show nothing changed."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out = model(x)
+    return state, out, {n: m.training for n, m in model.named_modules()}
+
+
+def assert_untouched(model: nn.Module, x: Any, before: tuple[dict[str, torch.Tensor], Any, dict[str, bool]]) -> None:
+    """The model has the state dict, output and modes it had when ``before`` was taken (bit for bit)."""
+    state, out, modes = snapshot(model, x)
+    assert state.keys() == before[0].keys(), "state_dict keys changed"
+    changed = [k for k in state if not torch.equal(state[k], before[0][k])]
+    assert not changed, f"state_dict entries changed: {changed[:5]}"
+    outs, olds = (out, before[1]) if isinstance(out, tuple) else ((out,), (before[1],))
+    assert all(torch.equal(a, b) for a, b in zip(outs, olds, strict=True)), "output changed"
+    assert modes == before[2], "train/eval flags changed"

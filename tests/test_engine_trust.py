@@ -15,6 +15,7 @@ from torch import fx, nn
 
 import pare
 from pare.errors import EquivalenceError, PruneError
+from tests.randnets import assert_untouched, snapshot
 
 
 def _masked(model: nn.Module, zero: dict[str, list[int]]) -> nn.Module:
@@ -141,22 +142,6 @@ def test_groupnorm_blocks_are_aligned_to_the_normalised_tensor(widths, prunable)
     torch.testing.assert_close(pruned(X), ref(X), rtol=1e-10, atol=1e-12)
 
 
-def _snapshot(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, bool]]:
-    model_state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        out = model(x).clone()
-    return model_state, out, {n: m.training for n, m in model.named_modules()}
-
-
-def assert_untouched(model: nn.Module, x: torch.Tensor, before: tuple) -> None:
-    state, out, modes = _snapshot(model, x)
-    assert state.keys() == before[0].keys()
-    for k in state:
-        assert torch.equal(state[k], before[0][k]), k
-    assert torch.equal(out, before[1])
-    assert modes == before[2]
-
-
 class _WeightNormed(nn.Module):
     def __init__(self, old_style: bool) -> None:
         super().__init__()
@@ -211,7 +196,7 @@ def test_weight_norm_is_pruned_without_touching_the_original(old_style):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = _WeightNormed(old_style).double().eval()
-    before = _snapshot(model, X)
+    before = snapshot(model, X)
     graph = pare.trace(model, X)
     pruned = graph.prune({"a": [0, 5, 9]})
     assert pruned.b.weight.shape == (4, 13, 3, 3)
@@ -226,7 +211,7 @@ def test_frozen_batchnorm_prunes_and_the_original_keeps_its_buffers():
     sliced those and surgery failed with a size mismatch."""
     torch.manual_seed(0)
     model = _Frozen().double().eval()
-    before = _snapshot(model, X)
+    before = snapshot(model, X)
     graph = pare.trace(model, X)
     assert graph.group("conv").prunable
     pruned = graph.prune({"conv": [1, 2, 6]})
@@ -242,7 +227,7 @@ def test_forward_hooks_and_modes_of_the_original_survive():
     model.a.eval()  # a mixed-mode model: the engine used to reset every flag to the root's
     calls = []
     model.b.register_forward_hook(lambda m, i, o: calls.append(1))
-    before = _snapshot(model, X)
+    before = snapshot(model, X)
     calls.clear()
     pare.trace(model, X).prune({"a": [3]})
     assert_untouched(model, X, before)
@@ -347,7 +332,7 @@ def test_nafnet_style_model_meets_macs_budgets():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _NAFBlock(16), _NAFBlock(16), nn.Conv2d(16, 3, 3, padding=1))
     model.eval()
     x = torch.randn(1, 3, 14, 14)
-    before = _snapshot(model, x)
+    before = snapshot(model, x)
     for target in (0.1, 0.2, 0.3):
         result = pare.prune(model, x, criterion="l1", target=Budget(macs_reduction=target))
         assert abs(result.macs_reduction - target) <= 0.005
