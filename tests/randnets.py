@@ -371,11 +371,16 @@ def random_opgraphs(seed: int, count: int) -> tuple[OpGraphs, torch.Tensor]:
 
 
 def snapshot(model: nn.Module, x: Any) -> tuple[dict[str, torch.Tensor], Any, dict[str, bool]]:
-    """State dict, output (no grad, current mode) and every module's training flag, to show nothing changed."""
+    """State dict, eval-mode output and every module's training flag, to show nothing changed. The output is taken
+    in eval mode (flags restored after), since a train-mode forward would itself update BatchNorm statistics."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.eval()
     with torch.no_grad():
         out = model(x)
-    return state, out, {n: m.training for n, m in model.named_modules()}
+    for n, m in model.named_modules():
+        m.training = modes[n]
+    return state, out, modes
 
 
 def assert_untouched(model: nn.Module, x: Any, before: tuple[dict[str, torch.Tensor], Any, dict[str, bool]]) -> None:

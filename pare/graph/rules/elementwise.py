@@ -196,7 +196,7 @@ def _binary(ctx: Context, node: fx.Node) -> None:
                 return
             else:
                 ctx.part.unify(result.layout, v.layout)
-        elif a.op == "get_attr":
+        elif a.op == "get_attr" and not str(a.target).startswith("_tensor_constant"):
             pending.append((a, aligned, _param_layout(ctx, a, aligned, channels)))
         else:
             ctx.opaque(node, f"'{node.name}' uses a computed per-channel constant")
