@@ -57,7 +57,8 @@ def main() -> None:
     record = {
         "what": f"pare.prune({args.model}, 1x3x{args.size}x{args.size}, l1, macs_reduction=0.3): verified vs "
                 "verify=False, interleaved repeats",
-        "command": f"python bench/verify_cost.py --model {args.model} --size {args.size} --repeats {args.repeats}",
+        "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
+        + f"python bench/verify_cost.py --model {args.model} --size {args.size} --repeats {args.repeats}",
         "commit": git_commit(mark_dirty=True),
         "environment": {**environment(), "torch_threads": torch.get_num_threads()},
         "load_average_1_5_15_before": list(load_before),

@@ -31,6 +31,7 @@ from pare.graph.rules.base import (
     worst,
 )
 from pare.graph.rules.registry import register_function, register_module
+from pare.graph.trace import TensorMeta
 from pare.layers import ZeroPadShortcut
 
 
@@ -132,12 +133,20 @@ def _split_rebuild(ctx: Context, node: fx.Node, keep: Kept) -> FunctionResult:
     return ("call_function", torch.split, (node.args[0], new), {"dim": 1})
 
 
-def _narrow(ctx: Context, node: fx.Node) -> None:
+def _source(ctx: Context, node: fx.Node, verb: str) -> tuple[Value, TensorMeta] | None:
+    """The value and shape of the node's first argument, or None after freezing (``verb``: what the node does)."""
     v = ctx.value(node.args[0])
     src = ctx.tensor_meta(node.args[0])
     if v is None or src is None:
-        ctx.opaque(node, f"'{node.name}' narrows a tensor pare cannot follow")
+        ctx.opaque(node, f"'{node.name}' {verb} a tensor pare cannot follow")
+        return None
+    return v, src
+
+
+def _narrow(ctx: Context, node: fx.Node) -> None:
+    if (found := _source(ctx, node, "narrows")) is None:
         return
+    v, src = found
     dim, start, length = (arg(node, 1, "dim"), arg(node, 2, "start"), arg(node, 3, "length"))
     if not all(isinstance(a, int) for a in (dim, start, length)):
         ctx.opaque(node, f"'{node.name}' narrows with computed bounds")
@@ -351,11 +360,9 @@ def _reshape_rebuild(ctx: Context, node: fx.Node, keep: Kept) -> FunctionResult:
 
 
 def _permute(ctx: Context, node: fx.Node) -> None:
-    v = ctx.value(node.args[0])
-    src = ctx.tensor_meta(node.args[0])
-    if v is None or src is None:
-        ctx.opaque(node, f"'{node.name}' permutes a tensor pare cannot follow")
+    if (found := _source(ctx, node, "permutes")) is None:
         return
+    v, src = found
     name = ops.canonical_name(node.op, node.target)
     if name == "permute":
         perm = node.args[1:] if not isinstance(arg(node, 1, "dims"), (tuple, list)) else arg(node, 1, "dims")
