@@ -15,7 +15,7 @@ from torch import nn
 import pare.criteria  # noqa: F401
 from pare.allocate.budget import Budget
 from pare.allocate.dispatch import AllocationRequest, allocation_order
-from pare.allocate.search import CostModel, plan_at, search_order
+from pare.allocate.search import CostModel, plan_at, report_ratio_shortfall, search_order
 from pare.allocate.strategies import (
     Constraints,
     allowed_counts,
@@ -242,9 +242,11 @@ def _plan(
     if target.kind == "channel_ratio":
         ratio = float(target.value)
         if config.allocation == "uniform":
-            return ratio_plan(groups, allowed, ratio), []  # the CHIP kept-width rule per group
-        return plan_at(allocation_order(config.allocation, request), round(ratio * sum(g.size for g in groups)),
-                       allowed), []
+            plan = ratio_plan(groups, allowed, ratio)  # the CHIP kept-width rule per group
+        else:
+            plan = plan_at(allocation_order(config.allocation, request), round(ratio * sum(g.size for g in groups)),
+                           allowed)
+        return plan, report_ratio_shortfall(groups, plan, ratio, config.tolerance)
     metric = "macs" if target.kind == "macs_reduction" else "params"
     cost = CostModel(model, graph, example_inputs, config.convention, base=counts_before)
     order = allocation_order(config.allocation, request)

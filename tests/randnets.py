@@ -212,3 +212,183 @@ def random_removals(graph: Any, rng: Any, max_fraction: float) -> dict[str, list
         chosen = rng.choice(units, size=n, replace=False)
         removals[g.id] = sorted(int(u) * g.block + k for u in chosen for k in range(g.block))
     return removals
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random operator graphs for the property suite (issue #12): every supported operator, composed at random.
+# ---------------------------------------------------------------------------------------------------------------
+
+OPS = ("conv", "conv_sigmoid", "conv_elu1", "conv_hardsigmoid", "cat_gn", "grouped", "depthwise", "shuffle",
+       "scale", "shift", "residual", "se", "split", "slice", "pad", "maxpool", "avgpool", "dropout", "fdropout",
+       "spread", "gate", "instnorm", "prelu")
+
+
+class _Op(nn.Module):
+    """One operator of a random graph: ``forward(x)`` maps C_in to ``self.c`` channels at the same spatial size."""
+
+    def __init__(self, kind: str, c: int, p: int) -> None:
+        super().__init__()
+        self.kind, self.p = kind, p
+        self.c = c
+        if kind.startswith("conv"):
+            self.c = 2 + p % 7
+            self.conv = nn.Conv2d(c, self.c, 1 + 2 * (p % 2), padding=p % 2, bias=bool(p % 3))
+            self.bn = nn.BatchNorm2d(self.c)
+        elif kind == "cat_gn":
+            w1, w2 = 1 + p % 5, 2 + p % 3
+            total = c + w1 + w2
+            groups = [g for g in (2, 3, 4, 5, 6) if total % g == 0] or [1]
+            self.a, self.b = nn.Conv2d(c, w1, 1), nn.Conv2d(c, w2, 1)
+            self.gn = nn.GroupNorm(groups[p % len(groups)], total)
+            self.c = total
+        elif kind in ("grouped", "shuffle", "split"):
+            self.pre = nn.Conv2d(c, 2 * (1 + c // 2), 1)
+            self.c = 2 * (1 + c // 2)
+            if kind == "grouped":
+                self.conv = nn.Conv2d(self.c, self.c, 3, padding=1, groups=2)
+            elif kind == "split":
+                self.left, self.right = nn.Conv2d(self.c // 2, 3, 1), nn.Conv2d(self.c // 2, 2 + p % 3, 3, padding=1)
+                self.c = 5 + p % 3
+        elif kind == "depthwise":
+            self.conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=bool(p % 2))
+        elif kind in ("scale", "shift"):
+            self.param = nn.Parameter(torch.rand(c) + 0.5)
+        elif kind == "residual":
+            self.conv1, self.conv2 = nn.Conv2d(c, 3 + p % 4, 3, padding=1), nn.Conv2d(3 + p % 4, c, 1)
+        elif kind in ("se", "gate"):
+            self.fc = nn.Conv2d(c, c, 1)
+        elif kind == "slice":
+            self.start = p % c
+            self.conv = nn.Conv2d(c - self.start, 2, 1)
+            self.c = c + 2
+        elif kind == "pad":
+            self.c = c + 3
+        elif kind == "dropout":
+            self.drop = nn.Dropout(0.3)
+        elif kind == "instnorm":
+            self.norm = nn.InstanceNorm2d(c, affine=bool(p % 2))
+        elif kind == "prelu":
+            self.act = nn.PReLU(c if p % 2 else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kind
+        if k.startswith("conv"):
+            y = self.bn(self.conv(x))
+            if k == "conv_sigmoid":
+                return torch.sigmoid(y)
+            if k == "conv_elu1":
+                return F.elu(y) + 1
+            return F.hardsigmoid(y) if k == "conv_hardsigmoid" else F.relu(y)
+        if k == "cat_gn":
+            return self.gn(torch.cat([x, self.a(x), self.b(x)], 1))
+        if k == "grouped":
+            return self.conv(self.pre(x))
+        if k == "shuffle":
+            y = self.pre(x)
+            n, c, h, w = y.shape
+            return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        if k == "split":
+            a, b = self.pre(x).chunk(2, 1)
+            return torch.cat([self.left(a), self.right(b)], 1)
+        if k == "depthwise":
+            return self.conv(x)
+        if k == "scale":
+            return x * self.param.view(1, -1, 1, 1)
+        if k == "shift":
+            return x + self.param[None, :, None, None]
+        if k == "residual":
+            return x + self.conv2(F.relu(self.conv1(x)))
+        if k == "se":
+            return x * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)))
+        if k == "gate":
+            return x * torch.sigmoid(self.fc(x))
+        if k == "slice":
+            return torch.cat([x, self.conv(x[:, self.start :])], 1)
+        if k == "pad":
+            return F.pad(x, (0, 0, 0, 0, 1, 2))
+        if k == "maxpool":
+            return F.max_pool2d(x, 3, 1, 1)
+        if k == "avgpool":
+            return F.avg_pool2d(x, 3, 1, 1)
+        if k == "dropout":
+            return self.drop(x)
+        if k == "fdropout":
+            return F.dropout(x, 0.3, self.training)
+        if k == "spread":
+            return x + x.mean(1, keepdim=True)
+        if k == "instnorm":
+            return self.norm(x)
+        return self.act(x)
+
+
+class OpGraph(nn.Module):
+    """A stem conv, random operators in sequence, then a 1x1 conv and a global-average-pool linear head."""
+
+    def __init__(self, spec: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        ops: list[_Op] = []
+        c = 4
+        for kind, p in spec:
+            ops.append(_Op(kind, c, p))
+            c = ops[-1].c
+        self.ops = nn.Sequential(*ops)
+        self.last = nn.Conv2d(c, 3, 1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.last(self.ops(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def random_spec(rng: torch.Generator) -> list[tuple[str, int]]:
+    n = 1 + int(torch.randint(0, 5, (1,), generator=rng))
+    return [(OPS[int(torch.randint(0, len(OPS), (1,), generator=rng))], int(torch.randint(0, 12, (1,), generator=rng)))
+            for _ in range(n)]
+
+
+class OpGraphs(nn.Module):
+    """Several independent random graphs side by side on the same input, returning one output each: one trace,
+    surgery and verification serve them all (the per-call overhead dominates for graphs this small)."""
+
+    def __init__(self, specs: list[list[tuple[str, int]]]) -> None:
+        super().__init__()
+        self.graphs = nn.ModuleList(OpGraph(spec) for spec in specs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(g(x) for g in self.graphs)
+
+
+def random_opgraphs(seed: int, count: int) -> tuple[OpGraphs, torch.Tensor]:
+    """``count`` float64 random graphs of 1-5 operators each, with non-trivial norm statistics, and an input of
+    shape (2, 3, 4, 4). The same seed gives the same graphs."""
+    rng = torch.Generator().manual_seed(seed)
+    specs = [random_spec(rng) for _ in range(count)]
+    torch.manual_seed(seed)
+    model = OpGraphs(specs).double()
+    randomize_norms(model, rng)
+    return model, torch.randn(2, 3, 4, 4, generator=rng, dtype=torch.float64)
+
+
+def snapshot(model: nn.Module, x: Any) -> tuple[dict[str, torch.Tensor], Any, dict[str, bool]]:
+    """State dict, eval-mode output and every module's training flag, to show nothing changed. The output is taken
+    in eval mode (flags restored after), since a train-mode forward would itself update BatchNorm statistics."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    for n, m in model.named_modules():
+        m.training = modes[n]
+    return state, out, modes
+
+
+def assert_untouched(model: nn.Module, x: Any, before: tuple[dict[str, torch.Tensor], Any, dict[str, bool]]) -> None:
+    """The model has the state dict, output and modes it had when ``before`` was taken (bit for bit)."""
+    state, out, modes = snapshot(model, x)
+    assert state.keys() == before[0].keys(), "state_dict keys changed"
+    changed = [k for k in state if not torch.equal(state[k], before[0][k])]
+    assert not changed, f"state_dict entries changed: {changed[:5]}"
+    outs, olds = (out, before[1]) if isinstance(out, tuple) else ((out,), (before[1],))
+    assert all(torch.equal(a, b) for a, b in zip(outs, olds, strict=True)), "output changed"
+    assert modes == before[2], "train/eval flags changed"

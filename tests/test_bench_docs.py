@@ -172,7 +172,7 @@ def test_concepts_snippets_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert "16 14" in printed and "40551040 269722 268346" in printed and "40927872" in printed
     assert ns["grouped"].residual_mode == "grouped" and abs(ns["grouped"].macs_reduction - 0.5) <= 0.005
     assert ns["res"].residual_mode == "internal"
-    assert "unreachable: cannot reach a reduction of 0.3000" in printed
+    assert "unreachable: cannot reach a reduction of 0.6000" in printed
 
 
 @pytest.fixture

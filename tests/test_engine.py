@@ -13,7 +13,7 @@ from torch import fx, nn
 import pare
 from pare.errors import EquivalenceError, PruneError
 from pare.models import create, list_models
-from tests.randnets import random_removals, randomize_norms
+from tests.randnets import assert_untouched, random_removals, randomize_norms, snapshot
 
 ZOO_INPUTS = {
     "resnet18": (1, 3, 64, 64), "resnet34": (1, 3, 64, 64), "resnet50": (1, 3, 64, 64),
@@ -39,10 +39,12 @@ def test_zoo_model_prunes_a_third_of_every_group_and_verifies(name):
     model = create(name).eval()
     randomize_norms(model, torch.Generator().manual_seed(1))
     x = torch.randn(*ZOO_INPUTS.get(name, (2, 3, 32, 32)))
+    before = snapshot(model, x)
     graph = pare.trace(model, x)
     assert graph.prunable_groups, name
     removals = _third(graph, 0)
     pruned = graph.prune(removals, verify=True)
+    assert_untouched(model, x, before)  # identical outputs, state_dict and modes after pruning
     assert type(pruned) is type(model)  # zoo models need no code rewriting: they stay their own class
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     pruned(x)
@@ -250,8 +252,8 @@ def test_verify_detects_a_wrong_surgery(monkeypatch):
 
     original = rules.ConvRule.rebuild
 
-    def corrupt(self, ctx, node, m):
-        new = original(self, ctx, node, m)
+    def corrupt(self, ctx, node, m, keep):
+        new = original(self, ctx, node, m, keep)
         if new is not None and node.target == "layer2.0.conv2":
             with torch.no_grad():
                 new.weight[0, 0, 0, 0] += 1.0

@@ -10,6 +10,7 @@ changes. ``tests/test_allocate.py`` checks the estimate against :func:`pare.coun
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -153,7 +154,10 @@ def search_order(
        overshoot ``target + tolerance``: one channel of a heavily coupled group can weigh several points of
        MACs (a ResNet-56 stage-1 residual channel is ~2%), so a plain prefix may jump over the window.
 
-    Returns the plan and its reduction. Raises BudgetError when no plan lands within the window.
+    3. If that misses the window, :func:`refine` adjusts one or two groups' counts around the plan.
+
+    Returns the plan and its reduction. Raises BudgetError when no plan it tried lands within the window; the
+    search is heuristic (not exhaustive), and the error says so and gives the closest reduction found.
     """
     lo, hi = 0, len(order)
     if reduction(plan_at(order, hi, allowed)) <= target:
@@ -188,11 +192,101 @@ def search_order(
         else:
             frozen.add(gid)
     if abs(current - target) > tolerance:
-        raise BudgetError(
-            f"cannot reach a reduction of {target:.4f} within {tolerance:.4f} with the allowed groups "
-            f"(closest: {current:.4f}); relax the constraints, the tolerance or the target"
-        )
+        plan, current = refine(plan, allowed, reduction, target, tolerance)
+        if abs(current - target) > tolerance:
+            raise BudgetError(
+                f"cannot reach a reduction of {target:.4f} within {tolerance:.4f} with the allowed groups "
+                f"(closest found: {current:.4f}); the search is heuristic (a removal order, then one- and two-group "
+                "adjustments), so a plan may still exist: relax the constraints, the tolerance or the target"
+            )
     return {gid: n for gid, n in plan.items() if n > 0}, current
+
+
+def _closest_count(base: Mapping[str, int], gid: str, counts: Sequence[int],
+                   reduction: Callable[[Mapping[str, int]], float], target: float) -> tuple[int, float]:
+    """The allowed count of ``gid`` (others as in ``base``) whose reduction is closest to ``target``.
+
+    Bisection: with the other groups fixed, the reduction grows with one group's count."""
+    lo, hi = 0, len(counts) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reduction({**base, gid: counts[mid]}) <= target:
+            lo = mid
+        else:
+            hi = mid
+    options = [(abs(reduction({**base, gid: counts[i]}) - target), i) for i in {lo, hi}]
+    _, best = min(options)
+    value = reduction({**base, gid: counts[best]})
+    return counts[best], value
+
+
+def refine(plan: Mapping[str, int], allowed: Mapping[str, Sequence[int]],
+           reduction: Callable[[Mapping[str, int]], float], target: float, tolerance: float,
+           max_evaluations: int = 20000) -> tuple[dict[str, int], float]:
+    """Adjust a plan that missed the window: set one group's count to the allowed value closest to the target
+    (from ``plan`` and from the empty plan), then pairs (one group moved a few allowed steps around its count, a
+    second group bisected). Returns the first plan inside ``target +- tolerance``, else the closest one tried.
+
+    Why: a prefix of one removal order moves in steps of whole groups' costs; a coupled group's single channel can
+    weigh more than the window, while other counts of the same groups land inside it (issue #12, a NAFNet-style
+    model with 79 plans in the window and none on the order's path). ``max_evaluations`` bounds the cost model
+    calls (each costs microseconds) for very large graphs."""
+    evaluations = 0
+    best: tuple[float, dict[str, int], float] = (abs(reduction(plan) - target), dict(plan), reduction(plan))
+
+    def counted(p: Mapping[str, int]) -> float:
+        nonlocal evaluations, best
+        evaluations += 1
+        value = reduction(p)
+        if abs(value - target) < best[0]:
+            best = (abs(value - target), dict(p), value)
+        return value
+
+    def done() -> bool:
+        return best[0] <= tolerance or evaluations > max_evaluations
+
+    gids = [g for g in allowed if len(allowed[g]) > 1]
+    for base in (dict(plan), {}):
+        for gid in gids:
+            _closest_count(base, gid, allowed[gid], counted, target)
+            if done():
+                return best[1], best[2]
+    for gid in gids:
+        counts = list(allowed[gid])
+        here = counts.index(plan.get(gid, 0)) if plan.get(gid, 0) in counts else 0
+        for step in (-1, 1, -2, 2, -3, 3):
+            if not 0 <= here + step < len(counts):
+                continue
+            moved = {**plan, gid: counts[here + step]}
+            for other in gids:
+                if other != gid:
+                    _closest_count(moved, other, allowed[other], counted, target)
+                    if done():
+                        return best[1], best[2]
+    return best[1], best[2]
+
+
+def ratio_shortfall(groups: Sequence[Group], plan: Mapping[str, int], ratio: float, tolerance: float) -> str | None:
+    """A note when the allowed counts (``round_to``, ``min_channels``, GroupNorm blocks) keep a channel-ratio plan
+    more than ``tolerance`` (a fraction of all channels) below ``ratio``; None when it is close enough."""
+    total = sum(g.size for g in groups)
+    removed = sum(plan.values())
+    if not total or removed / total >= ratio - tolerance:
+        return None
+    short = [g.id for g in groups if plan.get(g.id, 0) < int(ratio * g.size)]
+    listed = ", ".join(short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+    return (f"channel_ratio {ratio:.3f} asked but {removed / total:.3f} of the channels removed: the allowed counts "
+            f"(round_to, min_channels, GroupNorm blocks) of {len(short)} group(s) fall short ({listed})")
+
+
+def report_ratio_shortfall(groups: Sequence[Group], plan: Mapping[str, int], ratio: float,
+                           tolerance: float) -> list[str]:
+    """:func:`ratio_shortfall` as a list of notes for ``PruneResult.notes``, also issued as a warning."""
+    note = ratio_shortfall(groups, plan, ratio, tolerance)
+    if note is None:
+        return []
+    warnings.warn(f"pare: {note}", stacklevel=3)
+    return [note]
 
 
 def describe_groups(groups: Sequence[Group]) -> str:

@@ -15,7 +15,9 @@ from torch import nn
 from pare.errors import PruneError
 from pare.graph import rules
 from pare.graph.groups import Group, group_name, index_uses, members_of
-from pare.graph.layout import AtomClass
+from pare.graph.layout import AtomClass, layout_size
+from pare.graph.reference import fold_constants
+from pare.graph.rules import Kept
 from pare.graph.trace import TensorMeta, as_input_tuple, propagate, symbolic_trace
 from pare.graph.verify import verify_equivalence
 
@@ -78,14 +80,14 @@ class ChannelGraph:
                 else:
                     ctx.values[node] = None
             elif node.op == "output":
-                for arg in rules._flat_nodes(node.args):
+                for arg in rules.flat_nodes(node.args):
                     v = ctx.values.get(arg)
                     for item in v if isinstance(v, list) else [v]:
                         if isinstance(item, rules.Value):
                             ctx.part.freeze(item.layout, "model output channels")
 
     def _reads_channels(self, node: fx.Node) -> bool:
-        return any(self.ctx.values.get(a) is not None for a in rules._flat_nodes((node.args, node.kwargs)))
+        return any(self.ctx.values.get(a) is not None for a in rules.flat_nodes((node.args, node.kwargs)))
 
     def _outputs_channels(self, node: fx.Node) -> bool:
         m = self.ctx.meta.get(node)
@@ -242,16 +244,20 @@ class ChannelGraph:
                 masks[atom.space][atom.start + idx] = False
         return masks
 
-    def prune(self, removals: Mapping[str, Sequence[int]], verify: bool = False) -> nn.Module:
+    def prune(self, removals: Mapping[str, Sequence[int]], verify: bool = True) -> nn.Module:
         """Return a new model with the channels ``removals`` names (group id -> channel indices) removed.
 
         The result is an instance of the model's own class with smaller modules, or a ``torch.fx.GraphModule``
-        when a function argument (a pad amount, split sizes, a view shape) had to change. The original model is
-        not modified. With ``verify=True`` the result is checked against the original run with the removed
-        channels masked to zero, on the example inputs; a mismatch raises :class:`pare.EquivalenceError`.
+        when a function argument (a pad amount, split sizes, a view shape) had to change; a GraphModule reads
+        its modules' training flags at call time, so train and eval mode keep their meaning. The original model is
+        not modified. Removing a channel means zeroing it where it is produced (docs/design.md); where an operator
+        turns that zero into a constant (``sigmoid(0) = 0.5``), the constant is folded into the consumer's bias.
+        With ``verify=True`` (the default) the result is checked against that masked reference, run through the
+        model's own forward on the example inputs in eval and train mode; a mismatch raises
+        :class:`pare.EquivalenceError` naming the first diverging node. ``verify=False`` skips the check.
         """
         ctx = self.ctx
-        ctx.keep_masks = self.keep_masks(removals)
+        keep = Kept(self.keep_masks(removals))
         replacements: dict[int, nn.Module] = {}
         done: set[str] = set()
         arg_changes: dict[fx.Node, tuple[str, Any, tuple[Any, ...], dict[str, Any]]] = {}
@@ -260,38 +266,49 @@ class ChannelGraph:
                 done.add(str(node.target))
                 module = self.gm.get_submodule(str(node.target))
                 rule = rules.module_rule(module)
-                new = rule.rebuild(ctx, node, module) if rule is not None and ctx.values.get(node) else None
+                new = rule.rebuild(ctx, node, module, keep) if rule is not None and ctx.values.get(node) else None
                 if new is not None:
                     _check_not_empty(str(node.target), new)
+                    rules.unshare(new, module)
                     replacements[id(module)] = new
             elif node.op in ("call_function", "call_method"):
-                name, _ = rules.function_rule(node)
-                rebuild = rules.FUNCTION_REBUILDS.get(name or "")
-                change = rebuild(ctx, node) if rebuild is not None else None
+                rebuild = rules.function_rebuild(node)
+                change = rebuild(ctx, node, keep) if rebuild is not None else None
                 if change is not None:
                     arg_changes[node] = change
+        fold_constants(self, keep, replacements)
         # The memo substitutes the rebuilt modules, so their big original weights are never copied.
         new_model = copy.deepcopy(self.model, dict(replacements))
-        self._replace_params(new_model)
+        self._replace_params(new_model, keep)
         pruned: nn.Module = new_model
         graph = self.gm.graph
         if arg_changes:
             graph = _rewrite_graph(self.gm.graph, arg_changes)
             pruned = fx.GraphModule(new_model, graph, type(self.model).__name__)
             pruned.train(self.model.training)
+            for path, m in new_model.named_modules():  # keep each module's own mode, as in the original
+                if path and isinstance(sub := _find(pruned, path), nn.Module):
+                    sub.training = m.training
         if verify:
-            verify_equivalence(self, pruned, graph)
+            verify_equivalence(self, pruned, graph, keep)
         return pruned
 
-    def _replace_params(self, new_model: nn.Module) -> None:
+    def _replace_params(self, new_model: nn.Module, keep: Kept) -> None:
         for (target, dim), layout in self.ctx.param_layouts.items():
-            keep = self.ctx.kept(rules.Value(layout))
-            if len(keep) == rules.layout_size(layout):
+            kept = keep.kept(rules.Value(layout))
+            if len(kept) == layout_size(layout):
                 continue
             owner_path, _, name = target.rpartition(".")
             owner = new_model.get_submodule(owner_path) if owner_path else new_model
             old = getattr(owner, name)
-            rules._set_param(owner, name, rules._slice_param(old, dim, keep))
+            rules.set_param(owner, name, rules.slice_param(old, dim, kept))
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _check_not_empty(path: str, m: nn.Module) -> None:

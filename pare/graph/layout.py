@@ -106,7 +106,7 @@ class Partition:
         self.spaces: list[Space] = []
         self.equalities: list[tuple[Seg, Seg]] = []
         self.freezes: list[tuple[Seg, str]] = []
-        self.blocks: list[tuple[Seg, int]] = []
+        self.blocks: list[tuple[Seg, int, int]] = []  # (segment, block, its position)
         self.boundaries: list[Seg] = []
 
     def new_space(self, size: int, kind: str, owner: str) -> int:
@@ -134,10 +134,14 @@ class Partition:
         self.boundaries.extend(layout)
 
     def require_blocks(self, layout: Layout, block: int) -> None:
-        """Removals from ``layout`` must be whole aligned runs of ``block`` channels (e.g. GroupNorm groups)."""
+        """Removals from ``layout`` must be whole runs of ``block`` channels aligned to the positions of the
+        tensor ``layout`` describes (GroupNorm groups: a segment that starts inside a group is cut at the group
+        boundaries, and a piece smaller than a group is frozen)."""
         if block > 1:
+            pos = 0
             for s in layout:
-                self.blocks.append((s, block))
+                self.blocks.append((s, block, pos))
+                pos += s.length
 
     # -- solving ----------------------------------------------------------------------------------------------
 
@@ -148,8 +152,14 @@ class Partition:
             cuts[sb.space].update((sb.start, sb.start + sb.length))
         for s, _ in self.freezes:
             cuts[s.space].update((s.start, s.start + s.length))
-        for s, _ in self.blocks:
+        for s, block, pos in self.blocks:
             cuts[s.space].update((s.start, s.start + s.length))
+            # Split off the pieces before the first and after the last block boundary of the tensor: they share
+            # a block with channels outside the segment; the aligned middle stays one atom.
+            first = s.start + (-pos) % block
+            last = s.start + s.length - (pos + s.length) % block
+            if first < last:
+                cuts[s.space].update((first, last))
         for s in self.boundaries:
             cuts[s.space].update((s.start, s.start + s.length))
         # Propagate cuts through equalities until nothing changes: a cut inside one side of an equality must
@@ -223,11 +233,11 @@ class Partition:
                 cls = result[class_of_atom[(atoms[ai].space, atoms[ai].start)]]
                 if reason not in cls.frozen:
                     cls.frozen.append(reason)
-        for seg, block in self.blocks:
+        for seg, block, pos in self.blocks:
             for ai in atoms_in(seg):
                 a = atoms[ai]
                 cls = result[class_of_atom[(a.space, a.start)]]
-                if (a.start - seg.start) % block or a.length % block:
+                if (pos + a.start - seg.start) % block or a.length % block:
                     msg = f"channel groups of {block} (GroupNorm) do not align with coupled channels"
                     if msg not in cls.frozen:
                         cls.frozen.append(msg)
