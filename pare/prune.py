@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from pare.count import Counts, count
 from pare.errors import BudgetError, ConfigError
 from pare.graph import ChannelGraph, trace
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "sensitivity")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -106,6 +107,21 @@ def _reset_norms(pruned: nn.Module, graph: ChannelGraph, removals: dict[str, lis
         if not hasattr(norm, "reset_parameters"):
             raise ConfigError(f"reset_bn: norm layer '{name}' ({type(norm).__name__}) cannot be reset")
         norm.reset_parameters()  # BatchNorm: also zeroes running mean / num_batches_tracked, running var = 1
+
+
+def _sensitivity_order(model: nn.Module, groups: Sequence[Any], crit: Any, ctx: Any, scores: dict[str, np.ndarray],
+                       data: Sequence[Batch] | None, cost: CostModel, metric: str) -> list[str]:
+    from pare.allocate.sensitivity import sensitivity_curves, sensitivity_order
+
+    if not data:
+        raise ConfigError("allocation 'sensitivity' needs calibration data (data=...)")
+    probe = copy.deepcopy(model).eval()
+    curves = sensitivity_curves(probe, groups, lambda g, n: crit.select(ctx, g, scores[g.id], n), data)
+    saved = {}
+    for g in groups:
+        half = max(1, g.size // 2)
+        saved[g.id] = cost.reduction({g.id: half}, metric) / half
+    return sensitivity_order(groups, curves, saved)
 
 
 def prune(
@@ -226,7 +242,12 @@ def prune(
     else:
         metric = "macs" if kind == "macs_reduction" else "params"
         cost = CostModel(model, graph, example_inputs, convention, base=counts_before)
-        order = uniform_order(groups) if allocation == "uniform" else global_order(groups, scores, normalize)
+        if allocation == "sensitivity":
+            order = _sensitivity_order(model, groups, crit, ctx, scores, data, cost, metric)
+        elif allocation == "uniform":
+            order = uniform_order(groups)
+        else:
+            order = global_order(groups, scores, normalize)
         plan, _ = search_order(order, allowed, lambda p: cost.reduction(p, metric), float(target.value), tolerance)
     removals = select_indices(crit, ctx, groups, scores, plan)
     seconds["allocate"] = time.perf_counter() - t0
