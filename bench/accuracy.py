@@ -17,7 +17,7 @@ Protocol (issue "Win on accuracy honestly"):
 
 Stages (each writes its own JSON in bench/results/):
 
-    python bench/accuracy.py select            # ResNet-56: criteria x allocations on validation -> accuracy_select.json
+    python bench/accuracy.py select            # ResNet-20: criteria x allocations on validation -> accuracy_select.json
     python bench/accuracy.py oneshot           # 3 models x 3 seeds: pare default vs TP L1, same repair
     python bench/accuracy.py finetune          # the same starts, 1 epoch of the same recipe
 
@@ -27,9 +27,11 @@ Skips (exit 0) when the shared data are absent.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -70,8 +72,10 @@ VAL_SIZE = 5000
 CALIB_IMAGES = 1024
 SCORE_IMAGES = 640
 CONVENTION = "macs"
-SELECT_CRITERIA = ("l1", "l2", "fpgm", "taylor", "chip", "hrank", "bn_scale", "recon", "random")
+SELECT_CRITERIA = ("l1", "l2", "fpgm", "taylor", "chip", "hrank", "recon")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
+# pare's default pipeline (pare.config defaults), chosen by the select stage on validation.
+DEFAULT = {"criterion": "l1", "allocation": "sensitivity", "internal_only": True, "repair": "bn-recal+compensate"}
 
 
 @dataclass
@@ -207,13 +211,145 @@ def stage_select(args: argparse.Namespace, prov: dict[str, Any]) -> None:
     print("choice:", record["choice"], flush=True)
 
 
+def default_row() -> dict[str, Any]:
+    """pare's default pipeline for a MACs budget with calibration data (what ``pare prune`` does without options)."""
+    return {"engine": "pare", "criterion": DEFAULT["criterion"], "allocation": DEFAULT["allocation"],
+            "internal_only": DEFAULT["internal_only"], "round_to": 1, "repair": DEFAULT["repair"]}
+
+
+def peer_row(repair: str) -> dict[str, Any]:
+    """Torch-Pruning L1 with pare's treatment: block-internal channels, per-layer ratio, the same repair."""
+    return {"engine": "torch-pruning", "criterion": "l1", "allocation": "uniform", "internal_only": True,
+            "round_to": 1, "repair": repair}
+
+
+def summarize(rows: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation) of ``key`` over seeds, per (model, label)."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if key in r:
+            groups.setdefault((r["model"], r["label"]), []).append(r[key])
+    return {f"{m} | {label}": {"mean": round(statistics.fmean(v), 5), "sd": round(statistics.stdev(v), 5)
+                               if len(v) > 1 else None, "n": len(v)} for (m, label), v in groups.items()}
+
+
+def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
+    name = args.results or "accuracy_oneshot"
+    record: dict[str, Any] = {}
+    labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(DEFAULT["repair"])}
+    if args.ablation:
+        labels["torch-pruning l1, bn-recal only"] = peer_row("bn-recal")
+        labels["pare default, bn-recal only"] = {**default_row(), "repair": "bn-recal"}
+    rows: list[dict[str, Any]] = []
+    for model_name in args.models.split(","):
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            s = setting(model_name, seed, tests=True)
+            if not record:
+                record = header("oneshot", sys.argv[1:], prov, s)
+                record.update(default=default_row(), selected_by="bench/results/accuracy_select.json (choice)",
+                              rows=rows)
+            dense = {"model": model_name, "seed": seed, "label": "dense", "engine": "dense",
+                     "val_top1": top1(s.base, s.val), **{f"{k}_top1": top1(s.base, v) for k, v in s.tests.items()}}
+            rows.append(dense)
+            print(dense, flush=True)
+            for label, cfg in labels.items():
+                row = {"model": model_name, "seed": seed, "label": label, **cfg}
+                try:
+                    model, figures = run_row(s, row)
+                    row.update(figures, val_top1=top1(model, s.val),
+                               **{f"{k}_top1": top1(model, v) for k, v in s.tests.items()})
+                except (pare.PareError, RuntimeError) as exc:  # recorded, not hidden
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(row)
+                print(row, flush=True)
+                record["summary"] = {k: summarize(rows, k) for k in ("val_top1", "lossless932_top1",
+                                                                       "jpeg_test_top1")}
+                write(name, record)
+
+
+def stage_finetune(args: argparse.Namespace, prov: dict[str, Any]) -> None:
+    """The one-shot rows' starts, then the same recipe for every row (and for the dense model)."""
+    from pare.train import Recipe, fit
+
+    name = args.results or "accuracy_finetune"
+    # [design] One epoch from the repaired model, fixed in advance (not tuned on any split): cosine from 0.005 (the
+    # learning rate the earlier fine-tuning benchmark fixed before its runs) to 0, SGD with Nesterov momentum 0.9,
+    # weight decay 5e-4 as in the akamaster training, batch 128, pad-4 crop + flip.
+    labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(DEFAULT["repair"])}
+    if args.dense_finetune:
+        labels["dense"] = {"engine": "dense"}
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {}
+    for model_name in args.models.split(","):
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            s = setting(model_name, seed, tests=True)
+            recipe = Recipe(name="finetune-1ep", epochs=args.epochs, batch_size=128, lr=args.lr, momentum=0.9,
+                            nesterov=True, weight_decay=5e-4, schedule="cosine", seed=seed)
+            if not record:
+                record = header("finetune", sys.argv[1:], prov, s)
+                record.update(default=default_row(), recipe=recipe.to_dict(), rows=rows)
+            train = InMemoryLoader(s.fit_set, recipe.batch_size, shuffle=True, augment="cifar", normalization=NORM,
+                                   seed=seed, drop_last=True)
+            if args.train_limit:
+                train = _Limited(train, args.train_limit)
+            for label, cfg in labels.items():
+                row = {"model": model_name, "seed": seed, "label": label, **cfg}
+                t0 = time.perf_counter()
+                try:
+                    if cfg["engine"] == "dense":
+                        model = copy.deepcopy(s.base)
+                    else:
+                        model, figures = run_row(s, row)
+                        row.update(figures)
+                    row["start_val_top1"] = top1(model, s.val)
+                    result = fit(model, train, s.val, recipe, progress=False, resume=False)
+                    model.eval()
+                    row.update(val_top1=top1(model, s.val), **{f"{k}_top1": top1(model, v) for k, v in s.tests.items()},
+                               final_val_top1_trainer=round(float(result.final_val_acc), 5),
+                               seconds=round(time.perf_counter() - t0, 1))
+                except (pare.PareError, RuntimeError) as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(row)
+                print(row, flush=True)
+                record["summary"] = {k: summarize(rows, k) for k in ("val_top1", "lossless932_top1",
+                                                                       "jpeg_test_top1")}
+                write(name, record)
+
+
+class _Limited:
+    """The first ``n`` batches of a loader per epoch (the CPU smoke run of the full protocol)."""
+
+    def __init__(self, loader: InMemoryLoader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield batch
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=("select", "oneshot", "finetune"))
-    parser.add_argument("--model", default="resnet56", help="select: the model the choice is made on")
+    parser.add_argument("--model", default="resnet20", help="select: the model the choice is made on (the cheapest "
+                        "of the three, so that the choice is not tuned on the headline model)")
     parser.add_argument("--criteria", default=",".join(SELECT_CRITERIA))
     parser.add_argument("--allocations", default=",".join(ALLOCATIONS))
     parser.add_argument("--repair", default="bn-recal+compensate")
+    parser.add_argument("--models", default="resnet20,resnet32,resnet56")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ablation", action="store_true", help="oneshot: also both engines with BN recalibration only")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--train-limit", type=int, default=0, help="finetune: batches per epoch (0: all)")
+    parser.add_argument("--dense-finetune", action="store_true", help="finetune: also the dense model, same recipe")
     parser.add_argument("--results", default="", help="JSON name in bench/results (default: accuracy_<stage>)")
     parser.add_argument("--allow-dirty", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -225,6 +361,10 @@ def main() -> int:
     prov = provenance(args.allow_dirty)
     if args.stage == "select":
         stage_select(args, prov)
+    elif args.stage == "oneshot":
+        stage_oneshot(args, prov)
+    else:
+        stage_finetune(args, prov)
     return 0
 
 

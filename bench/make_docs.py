@@ -99,7 +99,11 @@ def facts(data: Json) -> str:
         if key in data and label not in seen and not isinstance(data[key], (dict, list)):
             value = str(data[key])
             if label == "commit" and len(value) >= 12:
-                value = value[:12]
+                # Keep the "+uncommitted" mark: a record made on a dirty tree must say so on the page.
+                suffix = value[40:] if len(value) > 40 else ""
+                value = value[:12] + suffix
+                if data.get("git_dirty"):
+                    value += " (tree had uncommitted or untracked files)"
             parts.append(f"{label} {value}")
             seen.add(label)
     return "Recorded: " + "; ".join(parts) + "." if parts else "Recorded: no provenance fields in the JSON."

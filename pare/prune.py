@@ -115,8 +115,12 @@ def _sensitivity_order(model: nn.Module, groups: Sequence[Any], crit: Any, ctx: 
 
     if not data:
         raise ConfigError("allocation 'sensitivity' needs calibration data (data=...)")
+    from pare.criteria.recon import ReconstructionSelection, refit_consumers
+
     probe = copy.deepcopy(model).eval()
-    curves = sensitivity_curves(probe, groups, lambda g, n: crit.select(ctx, g, scores[g.id], n), data)
+    fitter = ReconstructionSelection()
+    curves = sensitivity_curves(probe, groups, lambda g, n: crit.select(ctx, g, scores[g.id], n), data,
+                                refit=lambda g, idx: refit_consumers(fitter, ctx, g, idx))
     saved = {}
     for g in groups:
         half = max(1, g.size // 2)

@@ -35,6 +35,7 @@ FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 MAX_IMAGES = 256  # calibration images per measurement: the curves rank groups, they need no more
 Batch = tuple[torch.Tensor, torch.Tensor]
 Select = Callable[[Group, int], np.ndarray]
+Refit = Callable[[Group, np.ndarray], dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
@@ -84,6 +85,7 @@ def sensitivity_curves(
     select: Select,
     batches: Sequence[Batch],
     fractions: Sequence[float] = FRACTIONS,
+    refit: Refit | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Loss increase per group and removal count, measured with the removed channels masked.
 
@@ -94,6 +96,9 @@ def sensitivity_curves(
         batches: calibration batches ``(images (B, C, H, W), labels (B,))``; the first ``MAX_IMAGES`` images
             are used.
         fractions: removal fractions of each group to measure, in (0, 1).
+        refit: ``(group, removed indices) -> {consumer module path: new weight}``: the local repair applied
+            during the measurement (e.g. :func:`pare.criteria.recon.refit_consumers`, the least-squares refit
+            that compensation also performs), so that the curve measures what is lost *after* repair.
 
     Returns:
         group id -> ``[(n_removed, loss increase in nats per image), ...]`` ascending in ``n_removed``, starting
@@ -113,7 +118,12 @@ def sensitivity_curves(
         counts = sorted({n for f in fractions if 0 < (n := round(f * g.size / g.block) * g.block) < g.size})
         curve = [(0, 0.0)]
         for n in counts:
-            saved = _mask_slices(model, g, np.asarray(select(g, n)))
+            idx = np.asarray(select(g, n))
+            saved = _mask_slices(model, g, idx)
+            for path, weight in (refit(g, idx) if refit else {}).items():
+                tensor = model.get_submodule(path).weight.data
+                saved.append((tensor, torch.arange(tensor.shape[0]), tensor.clone()))
+                tensor.copy_(weight)
             try:
                 curve.append((n, _loss(model, batches) - base))
             finally:
