@@ -74,8 +74,7 @@ SCORE_IMAGES = 640
 CONVENTION = "macs"
 SELECT_CRITERIA = ("l1", "l2", "fpgm", "taylor", "chip", "hrank", "recon")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
-# pare's default pipeline (pare.config defaults), chosen by the select stage on validation.
-DEFAULT = {"criterion": "l1", "allocation": "sensitivity", "internal_only": True, "repair": "bn-recal+compensate"}
+SELECT_JSON = RESULTS / "accuracy_select.json"
 
 
 @dataclass
@@ -212,9 +211,12 @@ def stage_select(args: argparse.Namespace, prov: dict[str, Any]) -> None:
 
 
 def default_row() -> dict[str, Any]:
-    """pare's default pipeline for a MACs budget with calibration data (what ``pare prune`` does without options)."""
-    return {"engine": "pare", "criterion": DEFAULT["criterion"], "allocation": DEFAULT["allocation"],
-            "internal_only": DEFAULT["internal_only"], "round_to": 1, "repair": DEFAULT["repair"]}
+    """pare's default pipeline: the configuration the select stage chose on validation (``choice`` in
+    bench/results/accuracy_select.json; tests/test_accuracy_protocol.py checks that pare's defaults are it)."""
+    if not SELECT_JSON.exists():
+        sys.exit(f"accuracy.py: {SELECT_JSON.name} is missing: run the select stage first")
+    choice = json.loads(SELECT_JSON.read_text())["choice"]
+    return {"engine": "pare", **choice}
 
 
 def peer_row(repair: str) -> dict[str, Any]:
@@ -236,7 +238,7 @@ def summarize(rows: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
 def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
     name = args.results or "accuracy_oneshot"
     record: dict[str, Any] = {}
-    labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(DEFAULT["repair"])}
+    labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(default_row()["repair"])}
     if args.ablation:
         labels["torch-pruning l1, bn-recal only"] = peer_row("bn-recal")
         labels["pare default, bn-recal only"] = {**default_row(), "repair": "bn-recal"}
@@ -275,7 +277,7 @@ def stage_finetune(args: argparse.Namespace, prov: dict[str, Any]) -> None:
     # [design] One epoch from the repaired model, fixed in advance (not tuned on any split): cosine from 0.005 (the
     # learning rate the earlier fine-tuning benchmark fixed before its runs) to 0, SGD with Nesterov momentum 0.9,
     # weight decay 5e-4 as in the akamaster training, batch 128, pad-4 crop + flip.
-    labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(DEFAULT["repair"])}
+    labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(default_row()["repair"])}
     if args.dense_finetune:
         labels["dense"] = {"engine": "dense"}
     rows: list[dict[str, Any]] = []
