@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,8 +138,11 @@ def top1(model: nn.Module, loader: InMemoryLoader) -> float:
     return round(value / 100.0 if value > 1.0 else value, 5)
 
 
-def run_row(s: Setting, row: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune with ``row['engine']`` and repair with ``row['repair']``; returns the model and its figures."""
+def run_row(s: Setting, row: dict[str, Any], after_recal: Callable[[nn.Module], dict[str, Any]] | None = None
+            ) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune with ``row['engine']`` and repair with ``row['repair']``; returns the model and its figures.
+    ``after_recal`` measures the model between BN recalibration and compensation (the "bn-recal only" ablation of
+    the same pruned model), its figures stored with the prefix ``bn_recal_only_``."""
     t0 = time.perf_counter()
     target = Budget(macs_reduction=TARGET)
     if row["engine"] == "torch-pruning":
@@ -154,14 +157,17 @@ def run_row(s: Setting, row: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]
                          seed=s.seed)
         pruned, removals = res.model, res.removals
         graph = pare.trace(s.base, s.x)
+    extra: dict[str, Any] = {}
     if row["repair"] in ("bn-recal", "bn-recal+compensate"):
         recalibrate_bn(pruned, s.calib, batches=len(s.calib))
+        if after_recal is not None and row["repair"] != "bn-recal":
+            extra.update({f"bn_recal_only_{k}": v for k, v in after_recal(pruned).items()})
     if row["repair"] == "bn-recal+compensate":
         compensate(s.base, pruned, graph, removals, s.calib, seed=s.seed)
     c, dense = count(pruned, s.x, CONVENTION), count(s.base, s.x, CONVENTION)
     return pruned, {"macs": c.macs, "params": c.params, "macs_reduction": round(1 - c.macs / dense.macs, 5),
                     "params_reduction": round(1 - c.params / dense.params, 5),
-                    "prune_repair_seconds": round(time.perf_counter() - t0, 1)}
+                    "prune_repair_seconds": round(time.perf_counter() - t0, 1), **extra}
 
 
 def provenance(allow_dirty: bool) -> dict[str, Any]:
@@ -239,12 +245,10 @@ def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
     name = args.results or "accuracy_oneshot"
     record: dict[str, Any] = {}
     labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(default_row()["repair"])}
-    if args.ablation:
-        labels["torch-pruning l1, bn-recal only"] = peer_row("bn-recal")
-        labels["pare default, bn-recal only"] = {**default_row(), "repair": "bn-recal"}
     rows: list[dict[str, Any]] = []
-    for model_name in args.models.split(","):
-        for seed in [int(v) for v in args.seeds.split(",")]:
+    # Seeds outer: every model gets its first seed before any model gets its second.
+    for seed in [int(v) for v in args.seeds.split(",")]:
+        for model_name in args.models.split(","):
             s = setting(model_name, seed, tests=True)
             if not record:
                 record = header("oneshot", sys.argv[1:], prov, s)
@@ -256,16 +260,21 @@ def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
             print(dense, flush=True)
             for label, cfg in labels.items():
                 row = {"model": model_name, "seed": seed, "label": label, **cfg}
+
+                def ablation(m: nn.Module, s: Setting = s) -> dict[str, Any]:
+                    return {"val_top1": top1(m, s.val), "lossless932_top1": top1(m, s.tests["lossless932"])}
+
                 try:
-                    model, figures = run_row(s, row)
+                    model, figures = run_row(s, row, ablation if args.ablation else None)
                     row.update(figures, val_top1=top1(model, s.val),
                                **{f"{k}_top1": top1(model, v) for k, v in s.tests.items()})
                 except (pare.PareError, RuntimeError) as exc:  # recorded, not hidden
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 rows.append(row)
                 print(row, flush=True)
-                record["summary"] = {k: summarize(rows, k) for k in ("val_top1", "lossless932_top1",
-                                                                       "jpeg_test_top1")}
+                record["summary"] = {k: summarize(rows, k) for k in (
+                    "val_top1", "lossless932_top1", "jpeg_test_top1", "bn_recal_only_val_top1",
+                    "bn_recal_only_lossless932_top1")}
                 write(name, record)
 
 
@@ -347,7 +356,8 @@ def main() -> int:
     parser.add_argument("--repair", default="bn-recal+compensate")
     parser.add_argument("--models", default="resnet20,resnet32,resnet56")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--ablation", action="store_true", help="oneshot: also both engines with BN recalibration only")
+    parser.add_argument("--ablation", action="store_true",
+                        help="oneshot: also measure each row after BN recalibration, before compensation")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--train-limit", type=int, default=0, help="finetune: batches per epoch (0: all)")

@@ -427,6 +427,13 @@ def render_accuracy_oneshot(d: Json) -> list[str]:
         out.append(f"\n{r['model']} seed {r['seed']} {r['label']}: error `{fmt(r['error'])}`")
     default = d.get("default", {})
     out += ["", f"pare's default pipeline in this run: {_cfg(default)}, repair `{default.get('repair')}`."]
+    ablation = s.get("bn_recal_only_lossless932_top1")
+    if ablation:
+        out += ["", "Ablation, the same pruned models measured after BN recalibration and before compensation:", ""]
+        out += table(["model", "row", "validation", "lossless 932"],
+                     [[m, label, _mean_sd(s["bn_recal_only_val_top1"].get(f"{m} | {label}")),
+                       _mean_sd(ablation.get(f"{m} | {label}"))]
+                      for m in models for label in labels if f"{m} | {label}" in ablation])
     return out
 
 
