@@ -25,10 +25,11 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-def git_dirty() -> bool:
-    """True when tracked files differ from HEAD (or git cannot tell): the record's commit is then approximate.
-    Benchmark outputs (bench/results, docs/results, docs/benchmarks.md) do not count: a run rewrites them itself."""
-    out = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+def git_dirty(untracked: bool = True) -> bool:
+    """True when files differ from HEAD, untracked files included (or git cannot tell): the record's commit then
+    does not hold the code that ran. ``untracked=False`` looks at tracked files only. Benchmark outputs
+    (bench/results, docs/results, docs/benchmarks.md) do not count: a run rewrites them itself."""
+    out = _git("status", "--porcelain", f"--untracked-files={'normal' if untracked else 'no'}", "--", ".",
                ":(exclude)bench/results", ":(exclude)docs/results", ":(exclude)docs/benchmarks.md")
     return True if out is None else bool(out)
 

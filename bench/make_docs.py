@@ -99,7 +99,11 @@ def facts(data: Json) -> str:
         if key in data and label not in seen and not isinstance(data[key], (dict, list)):
             value = str(data[key])
             if label == "commit" and len(value) >= 12:
-                value = value[:12]
+                # Keep the "+uncommitted" mark: a record made on a dirty tree must say so on the page.
+                suffix = value[40:] if len(value) > 40 else ""
+                value = value[:12] + suffix
+                if data.get("git_dirty"):
+                    value += " (tree had uncommitted or untracked files)"
             parts.append(f"{label} {value}")
             seen.add(label)
     return "Recorded: " + "; ".join(parts) + "." if parts else "Recorded: no provenance fields in the JSON."
@@ -175,8 +179,6 @@ ENGINE_TARGET = "pare at most 0.5x Torch-Pruning's trace + prune time on ResNet-
 CHIP_SPEED_TARGET = "CHIP scoring >= 20x faster than the per-channel SVD definition and equal to it within 1e-6"
 DDP_TARGET = "DDP overhead <= 10% per sample at 2 processes (per-sample time <= 1.1x the ideal half)"
 CHIP_MACS_TARGET = "CHIP MACs table (methods.md §7.2) reproduced exactly"
-ONESHOT_TARGET = "one-shot best pare >= 88% on lossless932 at 50% MACs with BN recalibration (Torch-Pruning L1: 79.2%)"
-FINETUNE_TARGET = "fine-tune 1 epoch: best pare >= 91.5% on lossless932 (Torch-Pruning L1: 89.8%)"
 SPEEDUP_TARGET = "measured speed-up >= 0.9x the MACs ratio at ~2x and ~4x MACs reduction (ResNet-50, batch 1)"
 
 # -- engine speed --------------------------------------------------------------------------------------------------
@@ -297,160 +299,6 @@ def target_fuzz(d: Json) -> Target:
                                     f"in {d['examples']:,}")
 
 
-# -- one-shot accuracy --------------------------------------------------------------------------------------------
-
-REPAIRS = ("none", "bn-recal", "compensate+bn-recal")
-
-
-def _acc_key(rows: Sequence[Json]) -> str:
-    """The lossless-932 accuracy column (``lossless932`` or a variant such as ``lossless932_final``)."""
-    keys = [k for r in rows for k in r if k.startswith("lossless932") and isinstance(r[k], (int, float))]
-    if not keys:
-        raise KeyError("no lossless932 accuracy column")
-    return "lossless932" if "lossless932" in keys else sorted(set(keys))[0]
-
-
-def _ok(rows: Sequence[Json], key: str) -> list[Json]:
-    return [r for r in rows if "error" not in r and isinstance(r.get(key), (int, float))]
-
-
-def _best(rows: Sequence[Json], key: str) -> Json | None:
-    return max(rows, key=lambda r: r[key]) if rows else None
-
-
-def _tp(rows: Sequence[Json]) -> list[Json]:
-    return [r for r in rows if str(r.get("library", "")).startswith("torch-pruning")]
-
-
-def render_oneshot(d: Json) -> list[str]:
-    rows = d["rows"]
-    key = _acc_key(rows)
-    ok = _ok(rows, key)
-    dense = next((r for r in ok if r.get("library") == "dense"), None)
-    pare_rows = [r for r in ok if r.get("library") == "pare"]
-    out = []
-    if dense is not None:
-        out.append(f"Dense model: {dense[key]:.2f}% top-1 on the 932 lossless test images, {dense['macs']:,} MACs.")
-        out.append("")
-    best_rows = []
-    for repair in REPAIRS:
-        bp = _best([r for r in pare_rows if r.get("repair") == repair], key)
-        bt = _best([r for r in _tp(ok) if r.get("repair") == repair], key)
-        best_rows.append([
-            repair,
-            f"{bp[key]:.2f}% ({bp['criterion']}, {bp['mode']})" if bp else "—",
-            f"{bt[key]:.2f}% ({bt['criterion']})" if bt else "—",
-        ])
-    out += table(["repair", "best pare row", "best Torch-Pruning row (block-internal only)"], best_rows)
-    # One line per criterion x mode: accuracy under each repair and the prune() wall time (scoring included).
-    grid: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for r in ok:
-        if r.get("library") == "dense":
-            continue
-        lib = "pare" if r.get("library") == "pare" else "Torch-Pruning"
-        cell = grid.setdefault((lib, str(r.get("criterion")), str(r.get("mode"))), {})
-        cell[str(r.get("repair"))] = r[key]
-        cell.setdefault("macs_reduction", r.get("macs_reduction"))
-        if r.get("repair") == "none" and "seconds" in r:
-            cell["seconds"] = r["seconds"]
-    errors = [r for r in rows if "error" in r]
-    out += ["", "All rows (top-1 %, lossless 932):", ""]
-    body = []
-    for (lib, crit, mode), cell in sorted(grid.items()):
-        mr = cell.get("macs_reduction")
-        body.append([lib, crit, mode, pct(mr) if isinstance(mr, (int, float)) else "—",
-                     *[f"{cell[rp]:.2f}" if rp in cell else "—" for rp in REPAIRS],
-                     fmt(cell.get("seconds"))])
-    out += table(["library", "criterion", "mode", "MACs removed", *REPAIRS, "prune s (repair none)"], body)
-    for r in errors:
-        out.append(f"\n{r.get('library')} {r.get('criterion', '')} {r.get('mode', '')}: error `{fmt(r['error'])}`")
-    return out
-
-
-def target_oneshot(d: Json) -> Target:
-    rows = d["rows"]
-    key = _acc_key(rows)
-    ok = _ok(rows, key)
-    best = _best([r for r in ok if r.get("library") == "pare" and r.get("repair") == "bn-recal"], key)
-    tp_l1 = next((r for r in _tp(ok) if r.get("criterion") == "l1" and r.get("repair") == "bn-recal"), None)
-    ref = f"; Torch-Pruning L1 {tp_l1[key]:.2f}%" if tp_l1 else ""
-    if best is None:
-        return Target(ONESHOT_TARGET, None, "no pare row with BN recalibration" + ref)
-    return Target(ONESHOT_TARGET, best[key] >= 88.0, f"{best[key]:.2f}% ({best['criterion']}, {best['mode']}){ref}")
-
-
-
-# -- fine-tuning ----------------------------------------------------------------------------------------------------
-
-def finetune_acc(r: Json, stage: str = "final_epoch") -> float | None:
-    """A fine-tuning row's lossless-932 top-1: ``r[stage]["lossless932"]`` (bench/finetune.py's layout), or a
-    top-level ``lossless932`` column."""
-    nested = r.get(stage)
-    if isinstance(nested, dict) and isinstance(nested.get("lossless932"), (int, float)):
-        return float(nested["lossless932"])
-    if stage == "final_epoch" and isinstance(r.get("lossless932"), (int, float)):
-        return float(r["lossless932"])
-    return None
-
-
-def _finetune_ok(d: Json) -> list[Json]:
-    rows = [r for r in d["rows"] if "error" not in r and finetune_acc(r) is not None]
-    if not rows and d["rows"]:
-        raise KeyError("no fine-tuning row with a lossless932 accuracy")
-    return rows
-
-
-def _jpeg_final(r: Json) -> str:
-    """The final-epoch accuracy on the JPEG test set (10,000 images: a smaller standard error than lossless932)."""
-    final = r.get("final_epoch")
-    values = [v for k, v in final.items() if k.startswith("jpeg_test")] if isinstance(final, dict) else []
-    return f"{values[0]:.2f}" if values and isinstance(values[0], (int, float)) else "—"
-
-
-def render_finetune(d: Json) -> list[str]:
-    ok = _finetune_ok(d)
-    out = []
-    best = max((r for r in ok if r.get("library") == "pare"), key=finetune_acc, default=None)
-    tp = max(_tp(ok), key=finetune_acc, default=None)
-    if best is not None:
-        out.append(f"Best pare row: **{finetune_acc(best):.2f}%** ({best.get('row', best.get('criterion', '?'))}, "
-                   f"start {best.get('start', '?')}).")
-    if tp is not None:
-        out.append(f"Torch-Pruning row: {finetune_acc(tp):.2f}% ({tp.get('criterion', '?')}).")
-    by_val = max((r for r in ok if r.get("library") == "pare" and isinstance(r.get("final_val_acc"), (int, float))),
-                 key=lambda r: r["final_val_acc"], default=None)
-    if by_val is not None and len([r for r in ok if r.get("library") == "pare"]) > 1:
-        # The best-on-test row is a maximum over many noisy rows; the validation pick is the unbiased choice.
-        out.append(f"Chosen on the validation split instead: {by_val.get('row', '?')} "
-                   f"(val {by_val['final_val_acc']:.2f}%) -> {finetune_acc(by_val):.2f}%.")
-    body = []
-    for r in ok:
-        before = finetune_acc(r, "before_finetune")
-        mr = r.get("macs_reduction")
-        body.append([r.get("row", r.get("criterion", "?")), r.get("library", "?"), r.get("start", "?"),
-                     pct(mr) if isinstance(mr, (int, float)) else "—",
-                     f"{before:.2f}" if before is not None else "—", f"{finetune_acc(r):.2f}", _jpeg_final(r),
-                     fmt(r.get("final_val_acc")), fmt(r.get("epoch_seconds")), fmt(r.get("seconds")),
-                     str(r.get("git_commit", "?"))[:7] + ("+dirty" if r.get("git_dirty") else "")])
-    out += ["", *table(["row", "library", "start", "MACs removed", "lossless932 before", "lossless932 final epoch",
-                        "JPEG test final epoch", "val final", "epoch s", "total s", "commit"], body)]
-    for r in d["rows"]:
-        if "error" in r:
-            out.append(f"\n{r.get('row', r.get('criterion', '?'))}: error `{fmt(r['error'])}`")
-    return out
-
-
-def target_finetune(d: Json) -> Target:
-    ok = _finetune_ok(d)
-    best = max((r for r in ok if r.get("library") == "pare"), key=finetune_acc, default=None)
-    tp_l1 = next((r for r in _tp(ok) if r.get("criterion") == "l1"), None)
-    ref = f"; Torch-Pruning L1 {finetune_acc(tp_l1):.2f}%" if tp_l1 else ""
-    if best is None:
-        return Target(FINETUNE_TARGET, None, "no pare row yet" + ref)
-    acc = finetune_acc(best) or 0.0  # _finetune_ok kept only rows that have an accuracy
-    return Target(FINETUNE_TARGET, acc >= 91.5, f"{acc:.2f}% ({best.get('row', best.get('criterion', '?'))}){ref}")
-
-
 # -- measured speed-up --------------------------------------------------------------------------------------------
 
 def _speedup_best(d: Json, library: str, backend: str, goal: float) -> Json | None:
@@ -540,6 +388,106 @@ def target_demo(d: Json) -> Target:
                   f"{wall:.1f} s; every criterion in the table: {'yes' if every else 'no'}")
 
 
+# -- accuracy protocol (bench/accuracy.py) -------------------------------------------------------------------------
+
+ACC_ONESHOT_TARGET = ("one-shot, ResNet-56, 50% MACs: pare's default pipeline >= Torch-Pruning L1 with the same "
+                      "repair + 2 points on lossless932 and on the JPEG test set, and >= 88% on lossless932")
+
+
+def _cfg(r: Json) -> str:
+    return f"{r.get('criterion')} / {r.get('allocation')} / {'internal' if r.get('internal_only') else 'grouped'}"
+
+
+def render_accuracy_select(d: Json) -> list[str]:
+    rows = d["rows"]
+    dense = next(r for r in rows if r.get("engine") == "dense")
+    out = [f"Model: {d['model']}; dense validation top-1 {pct(dense['val_top1'])}. Repair of every row: "
+           f"`{rows[1].get('repair', '?')}`. Choice rule: {d.get('choice_rule', '?')}.", ""]
+    body = []
+    for r in rows[1:]:
+        body.append([r.get("criterion"), r.get("allocation"), "internal" if r.get("internal_only") else "grouped",
+                     pct(r["macs_reduction"]) if "macs_reduction" in r else "—",
+                     pct(r["val_top1"]) if "val_top1" in r else f"error: {fmt(r.get('error'))}",
+                     fmt(r.get("prune_repair_seconds"))])
+    out += table(["criterion", "allocation", "mode", "MACs removed", "validation top-1", "prune+repair s"], body)
+    if "choice" in d:
+        c = d["choice"]
+        out += ["", f"**Chosen on validation:** {c['criterion']} / {c['allocation']} / "
+                    f"{'internal' if c['internal_only'] else 'grouped'} / {c['repair']}."]
+    return out
+
+
+def _mean_sd(cell: Json | None) -> str:
+    if not cell:
+        return "—"
+    sd = cell.get("sd")
+    return f"{100 * cell['mean']:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "") + f" (n={cell['n']})"
+
+
+def render_accuracy_oneshot(d: Json) -> list[str]:
+    s = d["summary"]
+    keys = [("val_top1", "validation"), ("lossless932_top1", "lossless 932"), ("jpeg_test_top1", "JPEG test 10,000")]
+    models = list(dict.fromkeys(r["model"] for r in d["rows"]))
+    labels = list(dict.fromkeys(r["label"] for r in d["rows"]))
+    body = []
+    for m in models:
+        for label in labels:
+            red = [r["macs_reduction"] for r in d["rows"] if r["model"] == m and r["label"] == label
+                   and "macs_reduction" in r]
+            body.append([m, label, pct(sum(red) / len(red)) if red else "0.00%",
+                         *[_mean_sd(s[k].get(f"{m} | {label}")) for k, _ in keys]])
+    out = ["Top-1 in percent, mean ± sample standard deviation over seeds (the seed draws the calibration "
+           "sample); the validation split is the same for every seed.", ""]
+    out += table(["model", "row", "MACs removed", *[t for _, t in keys]], body)
+    errors = [r for r in d["rows"] if "error" in r]
+    for r in errors:
+        out.append(f"\n{r['model']} seed {r['seed']} {r['label']}: error `{fmt(r['error'])}`")
+    default = d.get("default", {})
+    out += ["", f"pare's default pipeline in this run: {_cfg(default)}, repair `{default.get('repair')}`."]
+    ablation = s.get("bn_recal_only_lossless932_top1")
+    if ablation:
+        out += ["", "Ablation, the same pruned models measured after BN recalibration and before compensation:", ""]
+        out += table(["model", "row", "validation", "lossless 932"],
+                     [[m, label, _mean_sd(s["bn_recal_only_val_top1"].get(f"{m} | {label}")),
+                       _mean_sd(ablation.get(f"{m} | {label}"))]
+                      for m in models for label in labels if f"{m} | {label}" in ablation])
+    return out
+
+
+def target_accuracy_oneshot(d: Json) -> Target:
+    s = d["summary"]
+    ours = "resnet56 | pare default"
+    peer = "resnet56 | torch-pruning l1, same repair"
+    if ours not in s["lossless932_top1"] or peer not in s["lossless932_top1"]:
+        return Target(ACC_ONESHOT_TARGET, None, "no ResNet-56 rows yet")
+    gaps = {k: s[k][ours]["mean"] - s[k][peer]["mean"] for k in ("lossless932_top1", "jpeg_test_top1")}
+    level = s["lossless932_top1"][ours]["mean"]
+    met = all(g >= 0.02 for g in gaps.values()) and level >= 0.88
+    return Target(ACC_ONESHOT_TARGET, met, f"pare {pct(level)} on lossless932; margin over Torch-Pruning "
+                  f"{100 * gaps['lossless932_top1']:+.2f} points (lossless932), "
+                  f"{100 * gaps['jpeg_test_top1']:+.2f} points (JPEG test)")
+
+
+ACC_FINETUNE_TARGET = ("1-epoch fine-tune from the same start and recipe: pare >= Torch-Pruning + 0.5 point, mean of 3 "
+                       "seeds, on ResNet-20, -32 and -56")
+
+
+def target_accuracy_finetune(d: Json) -> Target:
+    s = d["summary"]["lossless932_top1"]
+    verdicts, met = [], True
+    for model in ("resnet20", "resnet32", "resnet56"):
+        ours, peer = s.get(f"{model} | pare default"), s.get(f"{model} | torch-pruning l1, same repair")
+        if not ours or not peer:
+            verdicts.append(f"{model}: not run")
+            met = False
+            continue
+        gap = ours["mean"] - peer["mean"]
+        enough = gap >= 0.005 and ours["n"] >= 3 and peer["n"] >= 3
+        met = met and enough
+        verdicts.append(f"{model}: {100 * gap:+.2f} points (n={ours['n']})")
+    return Target(ACC_FINETUNE_TARGET, met, "; ".join(verdicts))
+
+
 SECTIONS: tuple[Section, ...] = (
     Section(
         "engine_speed", "Engine speed: trace + prune versus Torch-Pruning",
@@ -577,49 +525,30 @@ SECTIONS: tuple[Section, ...] = (
               "[security.md](security.md).",
     ),
     Section(
-        "oneshot", "One-shot accuracy (issue 4)", "python bench/oneshot.py", ONESHOT_TARGET, render_oneshot,
-        target_oneshot, needs_shared=True,
-        prose="Protocol: akamaster ResNet-56 (option A), about 50% MACs removed (`macs` convention, searched to "
-              "within 0.5 point), scored on 640 seeded JPEG training images, BN recalibration and compensation on "
-              "1,024, top-1 on the 932 lossless official test images. `internal`: block-internal channels only; "
-              "`grouped`: coupled residual groups too. Torch-Pruning 1.6 prunes the block-internal convs only "
-              "(its `ignored_layers` keep every residual conv), at the same MACs. The prune time column is "
-              "`pare.prune`'s wall time (trace, count, scoring, allocation, verified surgery) without repair. "
-              "Compensation (`pare.prune(..., compensate=True)`) refits the layers that lost input channels by "
-              "least squares, one after another in execution order on the inputs the already-refitted layers "
-              "produce; layers feeding a residual sum are fitted to the original sum. The 932 images give a "
-              "standard error of about 1 point per accuracy, and each row is one seed.",
-        extra=["Full table with parameters: [results/oneshot.md](results/oneshot.md)."],
+        "accuracy_select", "Accuracy protocol: the choice on validation (issue 17)",
+        "python bench/accuracy.py select", None, render_accuracy_select, None, needs_shared=True,
+        prose="Every pare configuration (criterion x allocation, block-internal channels, BN recalibration + "
+              "least-squares compensation) pruned to 50% fewer MACs and scored on 5,000 held-out CIFAR-10 "
+              "training images (JPEG), never on a test set. The highest validation top-1 becomes pare's default "
+              "pipeline; the test sets are evaluated only in the sections below.",
     ),
     Section(
-        "finetune", "Fine-tuning, 1 epoch (issue 5)", "python bench/finetune.py", FINETUNE_TARGET, render_finetune,
-        target_finetune, needs_shared=True,
-        prose="Protocol (bench/finetune.py): the akamaster ResNet-56 pruned to 50% MACs (block-internal "
-              "channels), repaired (BN recalibration, optionally compensation first: the `start` column), then "
-              "fine-tuned with one recipe for every row (1 epoch on the JPEG training set minus a seeded "
-              "5,000-image validation split; the recipe, learning rate and distillation weight are in the JSON and "
-              "in results/finetune.md). The accuracy is the "
-              "final-epoch model's on the 932 lossless official test images; the validation split only monitors.",
-        extra=["Full table: [results/finetune.md](results/finetune.md) (written by bench/finetune.py)."],
-    ),
-    Section(
-        "finetune_kd", "Fine-tuning, 1 epoch, with distillation (issue 5)",
-        "python bench/finetune.py --rows taylor,tp-l1 --lr 0.005 --distill-alpha 0.9 "
-        "--results bench/results/finetune_kd.json", FINETUNE_TARGET, render_finetune, target_finetune,
+        "accuracy_oneshot", "Accuracy protocol: one-shot, pare's default versus Torch-Pruning (issue 17)",
+        "python bench/accuracy.py oneshot", ACC_ONESHOT_TARGET, render_accuracy_oneshot, target_accuracy_oneshot,
         needs_shared=True,
-        prose="The protocol of the section above, with knowledge distillation from the dense model for every row "
-              "(Torch-Pruning's too).",
-        extra=["Full table: [results/finetune_kd.md](results/finetune_kd.md)."],
+        prose="pare's default pipeline (the validation choice above) against Torch-Pruning 1.6 L1 with the same "
+              "treatment: the same block-internal channels, per-layer ratio, the same MACs budget (pare's counter; "
+              "Torch-Pruning's ratio bisected to within 1 point), the same round_to, and the same repair through "
+              "pare's public functions (`pare.foreign.infer_removals` maps Torch-Pruning's model onto pare's groups, "
+              "then BN recalibration and `pare.compensate.compensate`). Test sets evaluated once per row.",
     ),
     Section(
-        "finetune_kd_bnrecal", "Fine-tuning with distillation from a BN-recalibrated start (issue 5, ablation)",
-        "python bench/finetune.py --rows l1@uniform --lr 0.005 --distill-alpha 0.9 --start bn-recal "
-        "--results bench/results/finetune_kd_bnrecal.json", None, render_finetune, None,  # an ablation, not a target
+        "accuracy_finetune", "Accuracy protocol: one epoch of fine-tuning from the same start (issue 17)",
+        "python bench/accuracy.py finetune", ACC_FINETUNE_TARGET, render_accuracy_oneshot, target_accuracy_finetune,
         needs_shared=True,
-        prose="The distillation protocol above, but fine-tuning starts from the BN-recalibrated model without "
-              "least-squares compensation: the same start the Torch-Pruning row gets, so that `l1@uniform` here "
-              "and Torch-Pruning L1 differ only in which channels each library removes.",
-        extra=["Full table: [results/finetune_kd_bnrecal.md](results/finetune_kd_bnrecal.md)."],
+        prose="The one-shot rows above, then one epoch of the same recipe for each (recorded in the JSON: SGD "
+              "with Nesterov momentum, cosine from the learning rate fixed before any run, batch 128, pad-4 crop + "
+              "flip on the 45,000 fitting images), final-epoch accuracy.",
     ),
     Section(
         "speedup", "Measured speed-up versus MACs (issue 6)", "python bench/speedup.py", SPEEDUP_TARGET, render_speedup,

@@ -44,12 +44,18 @@ def supports_quick(script: Path) -> bool:
     return '"--quick"' in script.read_text()
 
 
+def script_of(section: make_docs.Section) -> Path:
+    """The script a section's command runs (several sections may share one script, e.g. bench/accuracy.py)."""
+    argv = shlex.split(section.command)
+    return BENCH / Path(argv[1]).name if len(argv) > 1 else BENCH / f"{section.name}.py"
+
+
 def command_for(section: make_docs.Section, quick: bool) -> list[str]:
     """The documented command as an argv, run with this interpreter; ``--quick`` added when asked and supported."""
     argv = shlex.split(section.command)
     if argv and argv[0] == "python":
         argv[0] = sys.executable
-    if quick and supports_quick(BENCH / f"{section.name}.py"):
+    if quick and supports_quick(script_of(section)):
         argv.append("--quick")
     return argv
 
@@ -59,9 +65,9 @@ def run(names: Sequence[str], quick: bool, dry_run: bool, shared: Path) -> list[
     outcomes: list[Outcome] = []
     for name in names:
         sec = by_name[name]
-        script = BENCH / f"{name}.py"
+        script = script_of(sec)
         if not script.exists():
-            outcomes.append(Outcome(name, f"skipped: bench/{name}.py does not exist yet", 0.0, sec.command))
+            outcomes.append(Outcome(name, f"skipped: bench/{script.name} does not exist yet", 0.0, sec.command))
             continue
         if sec.needs_shared and not shared.exists():
             outcomes.append(Outcome(name, f"skipped: needs {shared} (set PARE_SHARED)", 0.0, sec.command))

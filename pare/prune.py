@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +171,8 @@ def prune(
     seconds["score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan, notes = _plan(model, example_inputs, graph, groups, scores, target, config, counts_before, data)
+    plan, notes = _plan(model, example_inputs, graph, groups, scores, target, config, counts_before, data,
+                        lambda g, n: crit.select(ctx, g, scores[g.id], n))
     removals = select_indices(crit, ctx, groups, scores, plan)
     seconds["allocate"] = time.perf_counter() - t0
 
@@ -230,15 +231,25 @@ def _plan(
     config: PruneConfig,
     counts_before: Counts,
     data: list[Batch] | None,
+    select: Callable[[Group, int], np.ndarray],
 ) -> tuple[dict[str, int], list[str]]:
-    """``({gid: n_remove}, notes)`` meeting ``target`` under the constraints of ``config``."""
+    """``({gid: n_remove}, notes)`` meeting ``target`` under the constraints of ``config``; ``select`` gives the
+    channels the criterion removes from a group (measured allocations mask exactly those)."""
     constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
     allowed = {g.id: allowed_counts(g, constraints) for g in groups}
     if target.kind == "sparsity":
         ratios = producer_ratios(model, str(target.value), config.model_name)
         return sparsity_plan(graph, groups, ratios, coupled=config.coupled)
+    if target.kind == "channel_ratio":
+        total = sum(g.size for g in groups)
+        reduction: Callable[[Mapping[str, int]], float] = lambda p: sum(p.values()) / total  # noqa: E731
+    else:
+        metric = "macs" if target.kind == "macs_reduction" else "params"
+        cost = CostModel(model, graph, example_inputs, config.convention, base=counts_before)
+        reduction = lambda p: cost.reduction(p, metric)  # noqa: E731
     request = AllocationRequest(groups, scores, config.normalize, graph=graph, model=model,
-                                example_inputs=example_inputs, data=data, allowed=allowed)
+                                example_inputs=example_inputs, data=data, allowed=allowed, select=select,
+                                reduction=reduction, seed=config.seed)
     if target.kind == "channel_ratio":
         ratio = float(target.value)
         if config.allocation == "uniform":
@@ -247,8 +258,6 @@ def _plan(
             plan = plan_at(allocation_order(config.allocation, request), round(ratio * sum(g.size for g in groups)),
                            allowed)
         return plan, report_ratio_shortfall(groups, plan, ratio, config.tolerance)
-    metric = "macs" if target.kind == "macs_reduction" else "params"
-    cost = CostModel(model, graph, example_inputs, config.convention, base=counts_before)
     order = allocation_order(config.allocation, request)
-    plan, _ = search_order(order, allowed, lambda p: cost.reduction(p, metric), float(target.value), config.tolerance)
+    plan, _ = search_order(order, allowed, reduction, float(target.value), config.tolerance)
     return plan, []

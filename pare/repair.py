@@ -2,7 +2,7 @@
 
 One function, :func:`repair`, whatever pruned the model: pare's own surgery passes its channel graph and
 removals; for a model pruned elsewhere (Torch-Pruning, a user's own code) the removals are inferred by
-comparing the two models (:func:`pare.compensate.infer_removals`). Source: this project's design (issue #14);
+comparing the two models (:func:`pare.foreign.infer_removals`). Source: this project's design (issue #14);
 the order recalibrate -> compensate and the sequential solve are measured in docs/results/oneshot.md.
 """
 
@@ -47,7 +47,7 @@ def repair(
 
     ``original``: the model before pruning (only read). ``graph``/``removals``: the trace of ``original`` and
     the removed channel indices per group, as pare's surgery made them; when absent (a model pruned
-    elsewhere) and compensation is asked for, they are inferred with :func:`pare.compensate.infer_removals`.
+    elsewhere) and compensation is asked for, they are inferred with :func:`pare.foreign.infer_removals`.
     Recalibration runs first (on the first ``config.recalibrate_batches`` batches, all when None), so that the
     least-squares fit sees the inputs of the recalibrated model; no second recalibration, because the
     sequential solve restores each refitted layer's original BN statistics (docs/results/oneshot.md).
@@ -61,6 +61,11 @@ def repair(
     batches = list(data)
     if not batches:
         raise ConfigError("repair (BN recalibration / compensation) needs calibration data")
+    if config.compensate and (graph is None or removals is None):
+        # Before recalibration changes the running statistics the matching compares.
+        from pare.foreign import infer_removals  # the inference is only needed for foreign models
+
+        graph, removals = infer_removals(original, pruned, batches[0][0][:1])
     if config.recalibrate:
         t0 = time.perf_counter()
         n = len(batches) if config.recalibrate_batches is None else config.recalibrate_batches
@@ -68,10 +73,6 @@ def repair(
         report.seconds["recalibrate"] = time.perf_counter() - t0
     if config.compensate:
         t0 = time.perf_counter()
-        if graph is None or removals is None:
-            from pare.compensate import infer_removals  # the inference is only needed for foreign models
-
-            graph, removals = infer_removals(original, pruned, batches[0][0][:1])
         report.compensation = compensate(original, pruned, graph, removals, batches, seed=seed,
                                          method=config.compensate_method)
         report.seconds["compensate"] = time.perf_counter() - t0

@@ -63,8 +63,8 @@ def section(text: str, title: str) -> str:
 
 def test_make_docs_sections_targets_absent_and_unknown(tmp_path: Path) -> None:
     write(tmp_path / "engine_speed.json", engine_json(0.7))
-    # oneshot.json in a layout the renderer does not know: generic figures, target cannot be evaluated
-    write(tmp_path / "oneshot.json", {"accuracy": {"best": 80.5}, "runs": [{"name": "x", "acc": 1.5}]})
+    # accuracy_oneshot.json in a layout the renderer does not know: generic figures, target cannot be evaluated
+    write(tmp_path / "accuracy_oneshot.json", {"accuracy": {"best": 80.5}, "runs": [{"name": "x", "acc": 1.5}]})
     write(tmp_path / "chip_macs_table.json", {"rows": [
         {"model": "resnet56", "sparsity": "[0.]", "conv_fc_macs": 1, "bn2d_elements": 2, "ours_m": 1.0,
          "reported_m": 1.0, "reported_convention": "chip", "match": True},
@@ -82,20 +82,20 @@ def test_make_docs_sections_targets_absent_and_unknown(tmp_path: Path) -> None:
         assert f"## {sec.title}\n" in text
     engine = section(text, "Engine speed: trace + prune versus Torch-Pruning")
     assert "**0.70**" in engine and "**not met** (0.70x)" in engine and "commit 0123456789ab" in engine
-    oneshot = section(text, "One-shot accuracy (issue 4)")
+    oneshot = section(text, "Accuracy protocol: one-shot, pare's default versus Torch-Pruning (issue 17)")
     assert "Layout not recognised" in oneshot and "| accuracy.best | 80.5 |" in oneshot
     assert "**cannot evaluate**" in oneshot
     chip = section(text, "CHIP MACs table")
     assert "**not met** (1 of 2 rows)" in chip
     speed = section(text, "Measured speed-up versus MACs (issue 6)")
     assert "**not met**" in speed and "4x: eager 0.73 (uniform)" in speed
-    assert "Not run yet: `python bench/finetune.py` (needs /work/shared)." in section(
-        text, "Fine-tuning, 1 epoch (issue 5)")
+    assert "Not run yet: `python bench/accuracy.py finetune` (needs /work/shared)." in section(
+        text, "Accuracy protocol: one epoch of fine-tuning from the same start (issue 17)")
     assert "Not run yet: `python bench/ddp_overhead.py`." in section(text, "Distributed overhead")
     mystery = section(text, "mystery (no dedicated section)")
     assert "| answer | 42 |" in mystery and "| nested.x | 0.25 |" in mystery
     summary = section(text, "Targets")
-    assert "| not met | 0.70x |" in summary and "| not run yet | `python bench/finetune.py` |" in summary
+    assert "| not met | 0.70x |" in summary and "| not run yet | `python bench/accuracy.py finetune` |" in summary
     assert make_docs.render(tmp_path) == text  # deterministic: nothing but the JSONs goes in
 
 
@@ -107,14 +107,20 @@ def test_make_docs_targets_met_from_data(tmp_path: Path) -> None:
         speed_row("uniform", "pare", 8, 3.9, 1.0),  # not batch 1: ignored
         speed_row("L1", "torch-pruning 1.6", 1, 3.9, 2.0),
     ]})
-    write(tmp_path / "finetune.json", {"rows": [
-        {"row": "tp-l1", "library": "torch-pruning 1.6.1", "criterion": "l1", "final_epoch": {"lossless932": 89.8}},
-        {"row": "taylor", "library": "pare", "criterion": "taylor", "final_epoch": {"lossless932": 91.6}},
-    ]})
+    rows = [{"model": m, "seed": k, "label": label, "lossless932_top1": acc}
+            for m in ("resnet20", "resnet32", "resnet56") for k in range(3)
+            for label, acc in (("pare default", 0.90 + 0.001 * k), ("torch-pruning l1, same repair", 0.89))]
+    summary = {key: {f"{m} | {label}": {"mean": 0.901 if label == "pare default" else 0.89, "sd": 0.001, "n": 3}
+                     for m in ("resnet20", "resnet32", "resnet56")
+                     for label in ("pare default", "torch-pruning l1, same repair")}
+               for key in ("val_top1", "lossless932_top1", "jpeg_test_top1")}
+    write(tmp_path / "accuracy_finetune.json", {"rows": rows, "summary": summary, "default": {}})
     text = make_docs.render(tmp_path)
     assert "**met** (0.40x)" in section(text, "Engine speed: trace + prune versus Torch-Pruning")
     assert "**met**" in section(text, "Measured speed-up versus MACs (issue 6)")
-    assert "**met** (91.60% (taylor); Torch-Pruning L1 89.80%)" in section(text, "Fine-tuning, 1 epoch (issue 5)")
+    finetune = section(text, "Accuracy protocol: one epoch of fine-tuning from the same start (issue 17)")
+    assert "**met** (resnet20: +1.10 points (n=3)" in finetune
+    assert "| resnet56 | pare default | 0.00% | 90.10 ± 0.10 (n=3) |" in finetune
 
 
 def test_make_docs_check_detects_stale_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,13 +144,14 @@ def test_committed_benchmarks_page_is_current() -> None:
 def test_run_all_skips_missing_and_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bench = tmp_path / "bench"
     bench.mkdir()
-    for name in ("engine_speed", "oneshot"):
+    for name in ("engine_speed", "accuracy"):
         (bench / f"{name}.py").write_text('parser.add_argument("--quick")\n' if name == "engine_speed" else "")
     monkeypatch.setattr(run_all, "BENCH", bench)
-    out = run_all.run(["engine_speed", "oneshot", "speedup"], quick=True, dry_run=True, shared=tmp_path / "none")
+    out = run_all.run(["engine_speed", "accuracy_oneshot", "speedup"], quick=True, dry_run=True,
+                      shared=tmp_path / "none")
     status = {o.name: o for o in out}
     assert status["engine_speed"].status == "would run" and status["engine_speed"].command.endswith("--quick")
-    assert status["oneshot"].status.startswith("skipped: needs")
+    assert status["accuracy_oneshot"].status.startswith("skipped: needs")
     assert status["speedup"].status.startswith("skipped: bench/speedup.py does not exist")
     with pytest.raises(SystemExit):
         run_all.main(["--only", "no_such_benchmark", "--dry-run"])

@@ -18,7 +18,7 @@ PARE = REPO / "pare"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "layers", "version"),
     ("models", "data", "graph", "count", "evaluate", "checks"),
-    ("criteria", "compensate", "io", "records"),
+    ("criteria", "compensate", "io", "records", "foreign"),
     ("train",),
     ("allocate", "latency", "methods", "report"),
     ("config",),

@@ -97,7 +97,9 @@ def test_one_shot_and_iterative_runs() -> None:
                     or importlib.util.find_spec("torch_pruning") is None,
                     reason="pare.baselines.torch_pruning (the lead's module) or torch_pruning is absent")
 def test_torch_pruning_engine_gets_the_same_repair() -> None:
-    config = _config(prune=PruneConfig(engine="torch-pruning", allocation="uniform"),
+    # small_cnn's narrow layers give Torch-Pruning's per-layer ratio coarse MACs steps: a wider tolerance
+    config = _config(prune=PruneConfig(engine="torch-pruning", allocation="uniform", internal_only=True,
+                                       tolerance=0.05),
                      repair=RepairConfig(recalibrate=True, compensate=True))
     result = run(config)
     assert result.prune[-1].criterion == "torch-pruning:l1" and "compensate" in result.prune[-1].seconds

@@ -37,6 +37,11 @@ class AllocationRequest:
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None
     data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
     allowed: Mapping[str, Sequence[int]] | None = None
+    # The criterion's choice of the n channels a group loses (measured allocations mask exactly those), the
+    # budget's reduction of a plan {group id: n removed} (a fraction), and the seed of any sampling.
+    select: Callable[[Group, int], np.ndarray] | None = None
+    reduction: Callable[[Mapping[str, int]], float] | None = None
+    seed: int = 0
 
 
 Allocator = Callable[[AllocationRequest], list[str]]
@@ -50,9 +55,16 @@ def _uniform(request: AllocationRequest) -> list[str]:
     return uniform_order(request.groups)
 
 
+def _sensitivity(request: AllocationRequest) -> list[str]:
+    from pare.allocate.sensitivity import sensitivity_allocation
+
+    return sensitivity_allocation(request)
+
+
 ALLOCATORS: dict[str, Allocator] = {
     "global": _global,  # every channel ranked by its group-normalised score
     "uniform": _uniform,  # the same fraction of every group
+    "sensitivity": _sensitivity,  # measured loss increase per unit of budget (pare.allocate.sensitivity)
 }
 ALLOCATIONS = tuple(ALLOCATORS)
 

@@ -197,3 +197,24 @@ class ReconstructionSelection(Criterion):
             for slot in state:
                 slot[2], slot[3] = obs_remove(slot[2], slot[3], _columns(slot[0], slot[1], c))
         return np.sort(np.asarray(removed, dtype=np.int64))
+
+
+def refit_consumers(criterion: ReconstructionSelection, ctx: ScoreContext, group: Group, removed: Sequence[int]
+                    ) -> dict[str, torch.Tensor]:
+    """Consumer weights refitted by least squares after removing channels ``removed`` of ``group`` (OBS formula
+    for the whole set at once: W' = W − W_S (H_SS)^{-1} H_S,:, with W'_S = 0).
+
+    Returns module path -> new weight of the consumer's original shape (its dtype), for plain conv/linear
+    consumers; an empty dict when the group has another kind of consumer (no refit possible). Gram matrices
+    come from ``ctx.data`` (cached in ``criterion``).
+    """
+    consumers = _plain_consumers(ctx.model, group)
+    if consumers is None or not len(removed):
+        return {}
+    criterion._gram_matrices(ctx, [m.module for m in consumers])
+    out: dict[str, torch.Tensor] = {}
+    for m, mod, w, h, _energy in criterion._state(ctx, group, consumers):
+        cols = [c for i in removed for c in _columns(m, mod, int(i))]
+        w_new, _ = obs_remove(w, h, cols)
+        out[m.module] = w_new.reshape(mod.weight.shape).to(mod.weight.dtype)
+    return out

@@ -168,7 +168,8 @@ def _prune_step(model: nn.Module, example: torch.Tensor, target: Budget, config:
     counts_before = count(model, example, p.convention)
     pruned = prune_with_torch_pruning(model, example, criterion=config.criterion, target=target,
                                       round_to=p.round_to, allocation=p.allocation,
-                                      internal_only=p.internal_only, seed=p.seed)
+                                      internal_only=p.internal_only, data=calib, seed=p.seed,
+                                      tolerance=p.tolerance, convention=p.convention)
     seconds["surgery"] = time.perf_counter() - t0
     done = repair(model, pruned, calib or [], config.repair, seed=p.seed)
     seconds.update(done.seconds)
