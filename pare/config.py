@@ -27,6 +27,24 @@ from pare.train.recipe import Recipe
 JSON = str | int | float | bool | None | list["JSON"] | dict[str, "JSON"]
 
 ENGINES = ("pare", "torch-pruning")
+
+# pare's default pipeline, chosen on a validation split held out from the CIFAR-10 training images (ResNet-20, 50%
+# fewer MACs; `python bench/accuracy.py select` -> bench/results/accuracy_select.json, "choice"; a test keeps the
+# two equal). Without calibration data the data-driven parts cannot run: then the criterion is l1, the allocation
+# global and nothing is repaired.
+DEFAULT_PIPELINE: dict[str, JSON] = {"criterion": "recon", "allocation": "sensitivity", "internal_only": True,
+                                     "repair": "bn-recal+compensate"}
+DATA_FREE_DEFAULTS: dict[str, str] = {"criterion": "l1", "allocation": "global"}
+
+
+def default_criterion(has_data: bool) -> str:
+    """The criterion ``"auto"`` stands for (see :data:`DEFAULT_PIPELINE`)."""
+    return str(DEFAULT_PIPELINE["criterion"]) if has_data else DATA_FREE_DEFAULTS["criterion"]
+
+
+def default_allocation(has_data: bool) -> str:
+    """The allocation ``"auto"`` stands for (see :data:`DEFAULT_PIPELINE`)."""
+    return str(DEFAULT_PIPELINE["allocation"]) if has_data else DATA_FREE_DEFAULTS["allocation"]
 NORMALIZE = ("mean", "max", "l2", "none")
 AGGREGATES = ("sum", "mean", "max", "first")
 CONVENTIONS = ("macs", "chip")
@@ -74,7 +92,9 @@ class PruneConfig:
     dependency, :mod:`pare.baselines.torch_pruning`). ``allocation``: a name of
     :data:`pare.allocate.dispatch.ALLOCATIONS`. ``aggregate``: how coupled members' scores combine.
     ``normalize``: per-group score scaling of the global ranking. ``min_channels``, ``round_to``,
-    ``protected``, ``internal_only``: :class:`pare.allocate.Constraints`. ``verify``: check the surgery against
+    ``protected``, ``internal_only``: :class:`pare.allocate.Constraints` (``internal_only`` None, the default:
+    block-internal channels only when the model has any, as :data:`DEFAULT_PIPELINE` chose; else every prunable
+    group). ``allocation`` "auto" (the default): :func:`default_allocation`. ``verify``: check the surgery against
     the masked original. ``reset_bn``: reset the norm layers of pruned groups (CHIP CIFAR code, methods.md
     §1.7). ``seed``: criterion and compensation sampling. ``convention``: MACs counting convention.
     ``tolerance``: accepted distance to a MACs/params target (fraction). ``coupled``: sparsity strings on
@@ -84,13 +104,13 @@ class PruneConfig:
     """
 
     engine: str = "pare"
-    allocation: str = "global"
+    allocation: str = "auto"
     aggregate: str = "sum"
     normalize: str = "mean"
     min_channels: int = 1
     round_to: int = 1
     protected: tuple[str, ...] = ()
-    internal_only: bool = False
+    internal_only: bool | None = None
     verify: bool = True
     reset_bn: bool = False
     seed: int = 0
@@ -104,14 +124,15 @@ class PruneConfig:
         object.__setattr__(self, "protected", (self.protected,) if isinstance(self.protected, str)
                            else tuple(self.protected))
         _choice("prune.engine", self.engine, ENGINES)
-        _choice("prune.allocation", self.allocation, ALLOCATIONS)
+        _choice("prune.allocation", self.allocation, (*ALLOCATIONS, "auto"))
         _choice("prune.aggregate", self.aggregate, AGGREGATES)
         _choice("prune.normalize", self.normalize, NORMALIZE)
         _int("prune.min_channels", self.min_channels, 1)
         _int("prune.round_to", self.round_to, 1)
         _int("prune.seed", self.seed, -(2**63))
         _int("prune.steps", self.steps, 1)
-        _bool("prune.internal_only", self.internal_only)
+        if self.internal_only is not None:
+            _bool("prune.internal_only", self.internal_only)
         _bool("prune.verify", self.verify)
         _bool("prune.reset_bn", self.reset_bn)
         _choice("prune.convention", self.convention, CONVENTIONS)
@@ -127,24 +148,36 @@ class RepairConfig:
     ``recalibrate``: BatchNorm statistics re-estimated on the calibration batches (first
     ``recalibrate_batches`` of them; None = all). ``compensate``: least-squares refit of the layers that lost
     input channels (:func:`pare.compensate.compensate`, ``compensate_method``), after the recalibration so the
-    fit sees the inputs of the recalibrated model. The default repairs nothing.
+    fit sees the inputs of the recalibrated model. None (the default) = on when calibration data are given: the
+    validation-chosen default pipeline (:data:`DEFAULT_PIPELINE`); :meth:`resolved` turns None into a bool.
     """
 
-    recalibrate: bool = False
+    recalibrate: bool | None = None
     recalibrate_batches: int | None = None
-    compensate: bool = False
+    compensate: bool | None = None
     compensate_method: str = "sequential"
 
     def __post_init__(self) -> None:
-        _bool("repair.recalibrate", self.recalibrate)
-        _bool("repair.compensate", self.compensate)
+        if self.recalibrate is not None:
+            _bool("repair.recalibrate", self.recalibrate)
+        if self.compensate is not None:
+            _bool("repair.compensate", self.compensate)
         if self.recalibrate_batches is not None:
             _int("repair.recalibrate_batches", self.recalibrate_batches, 1)
         _choice("repair.compensate_method", self.compensate_method, COMPENSATE_METHODS)
 
     @property
     def active(self) -> bool:
-        return self.recalibrate or self.compensate
+        """Whether a repair may run (an automatic one counts: it runs when data are given)."""
+        return self.recalibrate is not False or self.compensate is not False
+
+    def resolved(self, has_data: bool) -> RepairConfig:
+        """None ("when data are given") made explicit."""
+        return dataclasses.replace(
+            self,
+            recalibrate=has_data if self.recalibrate is None else self.recalibrate,
+            compensate=has_data if self.compensate is None else self.compensate,
+        )
 
 
 @dataclass(frozen=True)
@@ -288,7 +321,8 @@ class LatencyConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     """One run of :func:`pare.pipeline.run`: model, data, criterion and budget, pruning, repair, fine-tune,
-    evaluation. ``criterion``/``criterion_options``: a registered criterion and its constructor options.
+    evaluation. ``criterion``/``criterion_options``: a registered criterion and its constructor options;
+    ``"auto"`` = :data:`DEFAULT_PIPELINE`'s criterion when the run has calibration data, else its data-free one.
     ``target``: the budget (:class:`pare.allocate.Budget`; in JSON ``{"macs_reduction": 0.5}``).
     ``latency``: a measured-latency target replacing ``target`` (None = prune to ``target``).
     ``recovery``: a short fine-tune after every step of iterative pruning but the last (``prune.steps`` > 1).
@@ -297,7 +331,7 @@ class PipelineConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    criterion: str = "l1"
+    criterion: str = "auto"
     criterion_options: Mapping[str, JSON] = field(default_factory=dict)
     target: Budget = field(default_factory=lambda: Budget(macs_reduction=0.5))
     prune: PruneConfig = field(default_factory=PruneConfig)

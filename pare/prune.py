@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from pare.allocate.strategies import (
     sparsity_plan,
 )
 from pare.checks import check_finite
-from pare.config import PruneConfig, RepairConfig
+from pare.config import PruneConfig, RepairConfig, default_allocation, default_criterion
 from pare.count import Counts, count
 from pare.criteria.base import Criterion, ScoreContext, get_criterion
 from pare.errors import BudgetError, ConfigError
@@ -107,7 +107,7 @@ def prune(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
     *,
-    criterion: str | Criterion = "l1",
+    criterion: str | Criterion = "auto",
     target: Budget,
     data: Sequence[Batch] | None = None,
     config: PruneConfig | None = None,
@@ -118,17 +118,21 @@ def prune(
     Args:
         model: any traceable CNN; not modified.
         example_inputs: inputs for tracing and counting (e.g. ``torch.randn(1, 3, 32, 32)``).
-        criterion: a registered name (``"l1"``, ``"chip"``, ...) or a :class:`~pare.criteria.base.Criterion`.
+        criterion: a registered name (``"l1"``, ``"chip"``, ...), a :class:`~pare.criteria.base.Criterion`, or
+            ``"auto"``: the default pipeline's criterion with ``data``, l1 without
+            (:data:`pare.config.DEFAULT_PIPELINE`).
         target: a :class:`Budget`. MACs/params targets are met within ``config.tolerance`` (a fraction: 0.005 =
             0.5 percentage point) by searching the allocation with an exact analytic count (see
             :mod:`pare.allocate.search`); the result is then recounted with :func:`pare.count.count`.
         data: calibration batches ``(images (N, C, H, W), labels (N,))`` for data-driven criteria and repairs
             (e.g. :func:`pare.data.calibration_batches`).
         config: every other pruning option (:class:`pare.config.PruneConfig`: allocation, constraints,
-            verification, seed, counting convention, ...); None = the defaults. ``engine`` must be "pare"
-            here (:func:`pare.pipeline.run` dispatches other engines).
+            verification, seed, counting convention, ...); None = the defaults (allocation "auto": by measured
+            sensitivity with ``data``, global ranking without; block-internal channels). ``engine`` must be
+            "pare" here (:func:`pare.pipeline.run` dispatches other engines).
         repair: BN recalibration and least-squares compensation on ``data`` after the surgery
-            (:func:`pare.repair.repair`); None = no repair.
+            (:func:`pare.repair.repair`); None = :class:`~pare.config.RepairConfig`'s default: both, when ``data``
+            is given.
 
     Raises:
         BudgetError: a malformed or unreachable budget. ConfigError: a data-driven criterion or a repair
@@ -141,22 +145,28 @@ def prune(
     if config.engine != "pare":
         raise ConfigError(f"pare.prune runs the 'pare' engine; engine '{config.engine}' runs through "
                           "pare.pipeline.run")
-    crit = get_criterion(criterion)
     if data is not None:
         data = list(data)
         if not data:
             raise ConfigError("data is empty: pass calibration batches (images, labels) or None")
+    has_data = data is not None
+    crit = get_criterion(default_criterion(has_data) if criterion == "auto" else criterion)
+    if config.allocation == "auto":
+        config = replace(config, allocation=default_allocation(has_data))
+    repair = (repair or RepairConfig()).resolved(has_data)
     if crit.needs_data and data is None:
         raise ConfigError(f"criterion '{crit.name}' needs calibration data: pass data=[(images, labels), ...]")
-    if repair is not None and repair.active and data is None:
+    if repair.active and data is None:
         raise ConfigError("repair (BN recalibration / compensation) needs calibration data (data=...)")
-    constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
     check_finite(model)  # else verification would report a divergence at some node instead of the cause
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     graph = trace(model, example_inputs)
     seconds["trace"] = time.perf_counter() - t0
+    if config.internal_only is None:  # the default: block-internal channels when the model has any
+        config = replace(config, internal_only=any(is_internal(graph, g) for g in graph.prunable_groups))
+    constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
 
     t0 = time.perf_counter()
     counts_before = count(model, example_inputs, config.convention)
@@ -183,7 +193,7 @@ def prune(
     seconds["surgery"] = time.perf_counter() - t0
 
     report: dict[str, dict[str, float]] = {}
-    if repair is not None and repair.active:
+    if repair.active:
         done = run_repair(model, pruned, data or [], repair, graph=graph, removals=removals, seed=config.seed)
         seconds.update(done.seconds)
         report = done.compensation

@@ -27,7 +27,7 @@ from torch import nn
 
 from pare.allocate.budget import Budget
 from pare.allocate.search import CostModel
-from pare.allocate.strategies import Constraints, allowed_counts, eligible_groups
+from pare.allocate.strategies import Constraints, allowed_counts, eligible_groups, is_internal
 from pare.config import PruneConfig, RepairConfig
 from pare.criteria.base import Criterion, ScoreContext, get_criterion
 from pare.errors import BudgetError, ConfigError
@@ -81,8 +81,11 @@ def max_macs_reduction(
     ``internal_only`` and ``convention`` of ``config``).
     """
     config = config or PruneConfig()
-    constraints = Constraints(config.min_channels, config.round_to, config.protected, config.internal_only)
     graph = trace(model, example_inputs)
+    internal = config.internal_only
+    if internal is None:  # as pare.prune resolves it: block-internal channels when the model has any
+        internal = any(is_internal(graph, g) for g in graph.prunable_groups)
+    constraints = Constraints(config.min_channels, config.round_to, config.protected, internal)
     groups = eligible_groups(graph, constraints)
     if not groups:
         raise BudgetError("no prunable group is left after the constraints (protected / internal_only)")

@@ -166,7 +166,7 @@ def test_round_to_and_min_channels() -> None:
 def test_uniform_channel_ratio_uses_chip_kept_width() -> None:
     model = create("resnet56").eval()
     res = prune(model, X32, criterion=WeightL1(), target=Budget(channel_ratio=0.4),
-                config=PruneConfig(allocation="uniform", verify=False))
+                config=PruneConfig(allocation="uniform", verify=False, internal_only=False))
     for g in res.groups:
         assert g["size"] - g["removed"] == int(g["size"] * 0.6)
 
@@ -244,7 +244,8 @@ def test_search_order_skips_overshooting_groups() -> None:
 def test_sparsity_replay_vgg16_and_resnet50_match_the_zoo_exactly() -> None:
     for name, x, sp in [("vgg16_bn_cifar", X32, "[0.21]*7+[0.75]*5"), ("resnet50", X64, "[0.]+[0.1]*3+[0.3]*16")]:
         model = _model(name)
-        res = prune(model, x, criterion=WeightL1(), target=Budget(sparsity=sp), config=PruneConfig(verify=False))
+        res = prune(model, x, criterion=WeightL1(), target=Budget(sparsity=sp),
+                    config=PruneConfig(verify=False, internal_only=False))
         reference = count(create(name, num_classes=10, sparsity=sp), x)
         assert res.counts_after.macs == reference.macs
         assert res.counts_after.params == reference.params
@@ -255,7 +256,8 @@ def test_sparsity_replay_resnet56_and_coupled_groups() -> None:
     model = create("resnet56").eval()
     sp = "[0.]+[0.15]*2+[0.4]*27"
     assert count(create("resnet56", sparsity=sp), X32).macs == 65_168_128
-    res = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp), config=PruneConfig(coupled="min"))
+    res = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp), config=PruneConfig(coupled="min",
+                                                                                       internal_only=False))
     # Mid widths replay exactly; the coupled stem/stage-output groups keep every channel under "min", so the
     # result equals the zoo model with the stage-output entries set to 0 (73,360,000 MACs, not 65,168,128:
     # option A couples the stem with stage-1 outputs, and stage-1/2 outputs with slices of stage 2/3).
@@ -265,7 +267,7 @@ def test_sparsity_replay_resnet56_and_coupled_groups() -> None:
     widths = {g["id"]: g["size"] - g["removed"] for g in res.groups}
     assert widths["layer1.0.conv1"] == 9 and widths["layer2.0.conv1"] == 19 and widths["layer3.0.conv1"] == 38
     first = prune(model, X32, criterion=WeightL1(), target=Budget(sparsity=sp),
-                  config=PruneConfig(coupled="first", verify=False))
+                  config=PruneConfig(coupled="first", verify=False, internal_only=False))
     assert first.counts_after.macs < res.counts_after.macs
     with pytest.raises(BudgetError, match="zoo models"):
         prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)), X32, criterion=WeightL1(),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import pare
-from pare.config import PruneConfig
+from pare.config import PruneConfig, RepairConfig
 from pare.criteria import ScoreContext, get_criterion
 from pare.criteria.chip import chip_scores, chip_scores_reference
 from pare.models import create
@@ -209,7 +209,8 @@ def test_bn_after_chip_surgery(reset_bn: bool) -> None:
     x = data[0][0].double()
     res = pare.prune(net, x, criterion='chip', target=pare.Budget(channel_ratio=0.4),
                      data=[(images.double(), labels) for images, labels in data],
-                         config=PruneConfig(allocation="uniform", reset_bn=reset_bn))
+                         config=PruneConfig(allocation="uniform", reset_bn=reset_bn),
+                     repair=RepairConfig(recalibrate=False, compensate=False))
     assert set(res.removals) == {"conv1", "conv2"}
     for gid, bn_name in (("conv1", "bn1"), ("conv2", "bn2")):
         orig, new = getattr(net, bn_name), getattr(res.model, bn_name)

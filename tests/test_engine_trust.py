@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import pare
+from pare.config import PruneConfig
 from pare.errors import EquivalenceError, PruneError
 from tests.randnets import assert_untouched, snapshot
 
@@ -360,9 +361,11 @@ def test_round_to_shortfall_is_a_note_and_a_warning():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
     with pytest.warns(UserWarning, match="channel_ratio 0.500 asked but 0.3"):
-        result = pare.prune(_RoundToNet(), x, criterion="l1", target=Budget(channel_ratio=0.5), round_to=8)
+        result = pare.prune(_RoundToNet(), x, criterion="l1", target=Budget(channel_ratio=0.5),
+                             config=PruneConfig(round_to=8, internal_only=False))
     assert len(result.notes) == 1 and "gn" not in result.notes[0] and "c3" in result.notes[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quiet = pare.prune(_RoundToNet(), x, criterion="l1", target=Budget(channel_ratio=0.5))
+        quiet = pare.prune(_RoundToNet(), x, criterion="l1", target=Budget(channel_ratio=0.5),
+                           config=PruneConfig(internal_only=False))
     assert quiet.notes == []

@@ -79,7 +79,7 @@ def test_prune_with_sensitivity_allocation_meets_the_budget() -> None:
     data = _data(model)
     x = torch.randn(1, 3, 8, 8)
     res = prune(model, x, criterion="l1", target=Budget(macs_reduction=0.3), data=data,
-                config=PruneConfig(allocation="sensitivity"))
-    assert abs(res.macs_reduction - 0.3) <= 0.005
+                config=PruneConfig(allocation="sensitivity", tolerance=0.02))  # two 16-channel groups: coarse
+    assert abs(res.macs_reduction - 0.3) <= 0.02
     # The insensitive branch gives up more channels than the one the loss depends on.
     assert len(res.removals.get("b.0", [])) > len(res.removals.get("a.0", []))

@@ -10,6 +10,7 @@ from scipy.spatial.distance import squareform
 from torch import nn
 
 import pare
+from pare.config import PruneConfig
 from pare.criteria import ScoreContext, get_criterion
 from pare.criteria import similarity as sim
 from pare.models import create
@@ -298,6 +299,6 @@ def test_residual_sum_data_rho_and_grouped_prune() -> None:
     n_producers = len({m.module for m in group.producers()})
     assert sum(k.startswith(f"{group.id}@") for k in crit._rho_cache) == n_producers
     res = pare.prune(model, data[0][0][:1], criterion=get_criterion("similarity", residual="sum"),
-                     target=pare.Budget(macs_reduction=0.3))
+                     target=pare.Budget(macs_reduction=0.3), config=PruneConfig(internal_only=False))
     assert res.removals.get("conv1") and abs(res.macs_reduction - 0.3) <= 0.005
     assert res.model(data[0][0]).shape == (4, 10)

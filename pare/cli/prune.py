@@ -14,7 +14,7 @@ from pare.allocate.dispatch import ALLOCATIONS
 from pare.cli import _common as common
 from pare.cli._common import Console, add_subcommand, fraction, nonneg_int, positive_int
 from pare.cli.config_file import BUDGET_DESTS
-from pare.config import ENGINES, PipelineConfig
+from pare.config import ENGINES, PipelineConfig, default_criterion
 from pare.errors import BudgetError, ConfigError
 from pare.pipeline import PipelineResult
 from pare.pipeline.stages import LoadedModel, Splits
@@ -62,23 +62,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     budget.add_argument("--reduce-latency", type=fraction, metavar="F",
                         help="fraction of measured latency to remove (pare.prune_latency)")
     how = parser.add_argument_group("pruning")
-    how.add_argument("--criterion", default="l1", metavar="NAME", help="pruning criterion (see 'pare criteria')")
+    how.add_argument("--criterion", default="auto", metavar="NAME",
+                     help="pruning criterion (see 'pare criteria'); auto: recon with --data, l1 without "
+                     "(the default pipeline, chosen on validation: docs/benchmarks.md)")
     how.add_argument("--criterion-option", type=common.key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="criterion constructor option, e.g. residual=first for similarity (repeatable)")
-    how.add_argument("--allocation", choices=ALLOCATIONS, default="global",
-                     help="how the budget is spread over the groups (pare.allocate.dispatch)")
+    how.add_argument("--allocation", choices=(*ALLOCATIONS, "auto"), default="auto",
+                     help="how the budget is spread over the groups (pare.allocate.dispatch); auto: sensitivity "
+                     "with --data, global without")
     how.add_argument("--engine", choices=ENGINES, default="pare",
                      help="who prunes: pare's verified surgery, or Torch-Pruning (optional dependency; MACs "
                      "budgets only), repaired and fine-tuned the same way")
     how.add_argument("--steps", type=positive_int, default=1, metavar="N",
                      help="prune in N equal steps (iterative pruning), repairing after each")
     how.add_argument("--round-to", type=positive_int, default=1, metavar="N", help="keep channel counts multiples of N")
-    how.add_argument("--internal-only", action="store_true",
-                     help="prune only block-internal channels (no residual sums)")
+    residual = how.add_mutually_exclusive_group()
+    residual.add_argument("--internal-only", action="store_true",
+                          help="prune only block-internal channels, no residual sums (the default)")
+    residual.add_argument("--grouped", action="store_true",
+                          help="also prune the coupled residual channels (groups spanning a residual sum)")
     how.add_argument("--compensate", action="store_true",
-                     help="least-squares reconstruction of the consumer layers on the calibration data")
+                     help="least-squares reconstruction of the consumer layers on the calibration data (default "
+                     "with --data)")
     how.add_argument("--recalibrate", type=nonneg_int, metavar="N",
-                     help="recalibrate BatchNorm statistics on N calibration batches (default: only with --compensate)")
+                     help="recalibrate BatchNorm statistics on N calibration batches (default with --data: all)")
+    how.add_argument("--no-repair", action="store_true",
+                     help="neither recalibrate nor compensate (the default repairs both when --data is given)")
     how.add_argument("--calib-images", type=positive_int, default=512, metavar="N",
                      help="calibration images drawn (seeded) from the training split")
     how.add_argument("--convention", choices=("macs", "chip"), default="macs", help="MACs counting convention")
@@ -133,8 +142,15 @@ def config_from_args(args: argparse.Namespace, budget: Budget | None) -> Pipelin
     finetune = None
     if args.finetune:
         finetune = FinetuneConfig(recipe=common.build_recipe(args, args.finetune), augment=args.augment or "auto")
-    # --compensate recalibrates first unless --recalibrate 0; --recalibrate N alone recalibrates on N batches.
-    recalibrate = args.compensate if args.recalibrate is None else args.recalibrate > 0
+    # Default (None): both repairs when there are data. --compensate recalibrates first unless --recalibrate 0;
+    # --recalibrate N alone recalibrates on N batches and does not compensate.
+    if args.no_repair:
+        recalibrate, compensate = False, False
+    elif args.compensate or args.recalibrate is not None:
+        recalibrate = args.compensate if args.recalibrate is None else args.recalibrate > 0
+        compensate = args.compensate
+    else:
+        recalibrate = compensate = None
     return PipelineConfig(
         model=ModelConfig(name=args.model, weights=args.weights, options=dict(args.model_option),
                           num_classes=args.num_classes, input_size=args.input_size),
@@ -148,9 +164,9 @@ def config_from_args(args: argparse.Namespace, budget: Budget | None) -> Pipelin
         latency=None if budget is not None else LatencyConfig(args.reduce_latency, max(args.latency_runs, 10),
                                                                args.threads or 1),
         prune=PruneConfig(engine=args.engine, allocation=args.allocation, round_to=args.round_to,
-                          internal_only=args.internal_only, verify=not args.no_verify, seed=args.seed,
+                          internal_only=not args.grouped, verify=not args.no_verify, seed=args.seed,
                           convention=args.convention, steps=args.steps),
-        repair=RepairConfig(recalibrate=recalibrate, compensate=args.compensate,
+        repair=RepairConfig(recalibrate=recalibrate, compensate=compensate,
                             recalibrate_batches=args.recalibrate or None),
         finetune=finetune,
         eval=EvalConfig(splits=("test",) if args.data else (), batch_size=args.batch_size),
@@ -175,7 +191,10 @@ def run(args: argparse.Namespace, console: Console, argv: list[str]) -> dict[str
     common.check_paths(args)
     kind, value = budget_from_args(args)
     budget = make_budget(kind, value)
-    crit_obj = get_criterion(args.criterion, **dict(args.criterion_option))
+    if args.no_repair and (args.compensate or args.recalibrate):
+        raise ConfigError("--no-repair cannot be combined with --compensate or --recalibrate")
+    criterion = default_criterion(args.data is not None) if args.criterion == "auto" else args.criterion
+    crit_obj = get_criterion(criterion, **dict(args.criterion_option))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = str(common.resolve_device(args.device))

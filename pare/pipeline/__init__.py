@@ -21,7 +21,7 @@ from torch import nn
 
 from pare.allocate.budget import Budget
 from pare.checks import check_given_input_size
-from pare.config import FinetuneConfig, PipelineConfig
+from pare.config import FinetuneConfig, PipelineConfig, default_allocation, default_criterion
 from pare.count import count
 from pare.criteria.base import get_criterion
 from pare.data import Normalization
@@ -44,7 +44,7 @@ from pare.prune_latency import prune_to_latency
 from pare.repair import repair
 from pare.train import fit
 
-__all__ = ["PipelineResult", "Recover", "prepare", "run", "step_targets", "with_seed"]
+__all__ = ["PipelineResult", "Recover", "prepare", "resolve_defaults", "run", "step_targets", "with_seed"]
 
 # Called between the steps of iterative pruning with the current pruned model (modified in place) and the
 # 0-based index of the step just done; e.g. a short fine-tune.
@@ -114,11 +114,23 @@ def step_targets(target: Budget, steps: int) -> list[Budget]:
     return out
 
 
+def resolve_defaults(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with every "auto" made explicit (criterion, allocation, repair): the validation-chosen default
+    pipeline (:data:`pare.config.DEFAULT_PIPELINE`) when the run has data to calibrate on, the data-free defaults
+    otherwise. The result is what a record stores, so a replay does not depend on the defaults of the day."""
+    has_data = config.data.path is not None
+    criterion = default_criterion(has_data) if config.criterion == "auto" else config.criterion
+    allocation = default_allocation(has_data) if config.prune.allocation == "auto" else config.prune.allocation
+    return replace(config, criterion=criterion, prune=replace(config.prune, allocation=allocation),
+                   repair=config.repair.resolved(has_data))
+
+
 def prepare(config: PipelineConfig, *, progress: bool = False, device: str = "cpu") -> tuple[LoadedModel, Splits]:
     """Load (and, with ``model.train``, train) the dense model and the data of ``config``: what :func:`run`
     does first. A caller that runs several configurations over the same model and data calls this once and
     passes ``model=`` and ``data=`` to :func:`run`."""
     # An artifact records its own normalization, which the data need; a zoo model needs the data's class count.
+    config = resolve_defaults(config)
     loaded = load_model(config.model) if is_artifact(config.model.name) else None
     recorded = loaded.provenance.get("normalization") if loaded is not None else None
     # Without data nothing is normalised, so an artifact that records no normalization is no error then.
@@ -168,7 +180,7 @@ def _prune_step(model: nn.Module, example: torch.Tensor, target: Budget, config:
     counts_before = count(model, example, p.convention)
     pruned = prune_with_torch_pruning(model, example, criterion=config.criterion, target=target,
                                       round_to=p.round_to, allocation=p.allocation,
-                                      internal_only=p.internal_only, data=calib, seed=p.seed,
+                                      internal_only=p.internal_only is not False, data=calib, seed=p.seed,
                                       tolerance=p.tolerance, convention=p.convention)
     seconds["surgery"] = time.perf_counter() - t0
     done = repair(model, pruned, calib or [], config.repair, seed=p.seed)
@@ -177,7 +189,7 @@ def _prune_step(model: nn.Module, example: torch.Tensor, target: Budget, config:
     return PruneResult(model=pruned, removals={}, counts_before=counts_before, counts_after=counts_after,
                        reduction=counts_after.reduction_vs(counts_before), seconds=seconds,
                        criterion=f"torch-pruning:{config.criterion}", budget=target, allocation=p.allocation,
-                       residual_mode="internal" if p.internal_only else "grouped", groups=[],
+                       residual_mode="grouped" if p.internal_only is False else "internal", groups=[],
                        compensation=done.compensation)
 
 
@@ -229,6 +241,7 @@ def run(
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
+    config = resolve_defaults(config)
     if model is None or data is None:
         t0 = time.perf_counter()
         loaded, splits = prepare(config, progress=progress, device=device)
