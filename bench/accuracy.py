@@ -246,6 +246,17 @@ def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
     record: dict[str, Any] = {}
     labels = {"pare default": default_row(), "torch-pruning l1, same repair": peer_row(default_row()["repair"])}
     rows: list[dict[str, Any]] = []
+    if args.append and (RESULTS / f"{name}.json").exists():
+        # More seeds or models for the same protocol: the earlier rows stay, each with the commit it ran at.
+        record = json.loads((RESULTS / f"{name}.json").read_text())
+        if record.get("default") != default_row():
+            sys.exit(f"accuracy.py: {name}.json was made with another default pipeline; not appending")
+        rows = record["rows"]
+        for r in rows:
+            r.setdefault("git_commit", record["git_commit"])
+            r.setdefault("git_dirty", record["git_dirty"])
+        record["commands"] = [*record.get("commands", [record["command"]]),
+                              "python bench/accuracy.py " + " ".join(sys.argv[1:])]
     # Seeds outer: every model gets its first seed before any model gets its second.
     for seed in [int(v) for v in args.seeds.split(",")]:
         for model_name in args.models.split(","):
@@ -254,12 +265,12 @@ def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
                 record = header("oneshot", sys.argv[1:], prov, s)
                 record.update(default=default_row(), selected_by="bench/results/accuracy_select.json (choice)",
                               rows=rows)
-            dense = {"model": model_name, "seed": seed, "label": "dense", "engine": "dense",
+            dense = {"model": model_name, "seed": seed, "label": "dense", "engine": "dense", **prov,
                      "val_top1": top1(s.base, s.val), **{f"{k}_top1": top1(s.base, v) for k, v in s.tests.items()}}
             rows.append(dense)
             print(dense, flush=True)
             for label, cfg in labels.items():
-                row = {"model": model_name, "seed": seed, "label": label, **cfg}
+                row = {"model": model_name, "seed": seed, "label": label, **cfg, **prov}
 
                 def ablation(m: nn.Module, s: Setting = s) -> dict[str, Any]:
                     return {"val_top1": top1(m, s.val), "lossless932_top1": top1(m, s.tests["lossless932"])}
@@ -362,6 +373,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--train-limit", type=int, default=0, help="finetune: batches per epoch (0: all)")
     parser.add_argument("--dense-finetune", action="store_true", help="finetune: also the dense model, same recipe")
+    parser.add_argument("--append", action="store_true",
+                        help="oneshot: add rows to the existing JSON of the same default pipeline")
     parser.add_argument("--results", default="", help="JSON name in bench/results (default: accuracy_<stage>)")
     parser.add_argument("--allow-dirty", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
