@@ -18,6 +18,9 @@ Protocol (issue "Win on accuracy honestly"):
 Stages (each writes its own JSON in bench/results/):
 
     python bench/accuracy.py select            # ResNet-20: criteria x allocations on validation -> accuracy_select.json
+    python bench/accuracy.py select --model resnet56 --criteria l1,recon --allocations sensitivity \
+        --results accuracy_select_resnet56     # the best ResNet-20 rows on ResNet-56's validation split
+    python bench/accuracy.py choose            # one choice from both grids -> accuracy_choice.json
     python bench/accuracy.py oneshot           # 3 models x 3 seeds: pare default vs TP L1, same repair
     python bench/accuracy.py finetune          # the same starts, 1 epoch of the same recipe
 
@@ -75,6 +78,9 @@ CONVENTION = "macs"
 SELECT_CRITERIA = ("l1", "l2", "fpgm", "taylor", "chip", "hrank", "recon")
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 SELECT_JSON = RESULTS / "accuracy_select.json"
+SELECT_JSONS = ("accuracy_select.json", "accuracy_select_resnet56.json")  # the validation grids the choice reads
+CHOICE_JSON = RESULTS / "accuracy_choice.json"
+CHOICE_KEYS = ("criterion", "allocation", "internal_only", "round_to", "repair")
 
 
 @dataclass
@@ -217,12 +223,39 @@ def stage_select(args: argparse.Namespace, prov: dict[str, Any]) -> None:
 
 
 def default_row() -> dict[str, Any]:
-    """pare's default pipeline: the configuration the select stage chose on validation (``choice`` in
-    bench/results/accuracy_select.json; tests/test_accuracy_protocol.py checks that pare's defaults are it)."""
-    if not SELECT_JSON.exists():
-        sys.exit(f"accuracy.py: {SELECT_JSON.name} is missing: run the select stage first")
-    choice = json.loads(SELECT_JSON.read_text())["choice"]
+    """pare's default pipeline: the configuration the choose stage picked from the validation grids (``choice``
+    in bench/results/accuracy_choice.json; tests/test_defaults.py checks that pare's defaults are it)."""
+    if not CHOICE_JSON.exists():
+        sys.exit(f"accuracy.py: {CHOICE_JSON.name} is missing: run the select and choose stages first")
+    choice = json.loads(CHOICE_JSON.read_text())["choice"]
     return {"engine": "pare", **choice}
+
+
+def stage_choose(args: argparse.Namespace, prov: dict[str, Any]) -> None:
+    """One choice from every validation grid: among the configurations measured on every model, the highest
+    mean validation top-1 over the models (ties: the first in the first grid's order). Reads only validation
+    figures."""
+    grids = []
+    for name in SELECT_JSONS:
+        path = RESULTS / name
+        if not path.exists():
+            sys.exit(f"accuracy.py: {name} is missing: run its select stage first")
+        grids.append(json.loads(path.read_text()))
+    per_model = [{tuple(r[k] for k in CHOICE_KEYS): r["val_top1"] for r in g["rows"]
+                  if r.get("engine") == "pare" and "val_top1" in r} for g in grids]
+    common = [key for key in per_model[0] if all(key in m for m in per_model[1:])]
+    means = {key: statistics.fmean(m[key] for m in per_model) for key in common}
+    best = max(common, key=lambda key: means[key])
+    record = {"benchmark": "accuracy protocol: choose", "command": "python bench/accuracy.py choose", **prov,
+              "rule": "highest mean validation top-1 over the models of every grid, among the configurations "
+                      "measured on all of them",
+              "grids": {name: g["model"] for name, g in zip(SELECT_JSONS, grids)},
+              "candidates": [{**dict(zip(CHOICE_KEYS, key)), "mean_val_top1": round(means[key], 5),
+                              **{f"val_top1_{g['model']}": m[key] for g, m in zip(grids, per_model)}}
+                             for key in common],
+              "choice": dict(zip(CHOICE_KEYS, best))}
+    write("accuracy_choice", record)
+    print("choice:", record["choice"], flush=True)
 
 
 def peer_row(repair: str) -> dict[str, Any]:
@@ -263,7 +296,7 @@ def stage_oneshot(args: argparse.Namespace, prov: dict[str, Any]) -> None:
             s = setting(model_name, seed, tests=True)
             if not record:
                 record = header("oneshot", sys.argv[1:], prov, s)
-                record.update(default=default_row(), selected_by="bench/results/accuracy_select.json (choice)",
+                record.update(default=default_row(), selected_by="bench/results/accuracy_choice.json (choice)",
                               rows=rows)
             dense = {"model": model_name, "seed": seed, "label": "dense", "engine": "dense", **prov,
                      "val_top1": top1(s.base, s.val), **{f"{k}_top1": top1(s.base, v) for k, v in s.tests.items()}}
@@ -359,7 +392,7 @@ class _Limited:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=("select", "oneshot", "finetune"))
+    parser.add_argument("stage", choices=("select", "choose", "oneshot", "finetune"))
     parser.add_argument("--model", default="resnet20", help="select: the model the choice is made on (the cheapest "
                         "of the three, so that the choice is not tuned on the headline model)")
     parser.add_argument("--criteria", default=",".join(SELECT_CRITERIA))
@@ -386,6 +419,8 @@ def main() -> int:
     prov = provenance(args.allow_dirty)
     if args.stage == "select":
         stage_select(args, prov)
+    elif args.stage == "choose":
+        stage_choose(args, prov)
     elif args.stage == "oneshot":
         stage_oneshot(args, prov)
     else:
