@@ -28,11 +28,11 @@ JSON = str | int | float | bool | None | list["JSON"] | dict[str, "JSON"]
 
 ENGINES = ("pare", "torch-pruning")
 
-# pare's default pipeline, chosen on a validation split held out from the CIFAR-10 training images (ResNet-20, 50%
-# fewer MACs; `python bench/accuracy.py select` -> bench/results/accuracy_select.json, "choice"; a test keeps the
-# two equal). Without calibration data the data-driven parts cannot run: then the criterion is l1, the allocation
-# global and nothing is repaired.
-DEFAULT_PIPELINE: dict[str, JSON] = {"criterion": "recon", "allocation": "sensitivity", "internal_only": True,
+# pare's default pipeline, chosen on validation splits held out from the CIFAR-10 training images (ResNet-20 and
+# ResNet-56, 50% fewer MACs; `python bench/accuracy.py choose` -> bench/results/accuracy_choice.json, "choice"; a
+# test keeps the two equal). Without calibration data the data-driven parts cannot run: then the criterion is l1,
+# the allocation global and nothing is repaired.
+DEFAULT_PIPELINE: dict[str, JSON] = {"criterion": "l1", "allocation": "sensitivity", "internal_only": True,
                                      "repair": "bn-recal+compensate"}
 DATA_FREE_DEFAULTS: dict[str, str] = {"criterion": "l1", "allocation": "global"}
 

@@ -15,12 +15,12 @@ from pare.criteria.base import list_criteria
 from pare.models import create
 from pare.prune import prune
 
-SELECT = Path(__file__).resolve().parents[1] / "bench" / "results" / "accuracy_select.json"
+CHOICE = Path(__file__).resolve().parents[1] / "bench" / "results" / "accuracy_choice.json"
 
 
 def test_defaults_are_the_validation_choice() -> None:
-    """pare.config.DEFAULT_PIPELINE must be what bench/accuracy.py's select stage chose (bench/results)."""
-    choice = json.loads(SELECT.read_text())["choice"]
+    """pare.config.DEFAULT_PIPELINE must be what bench/accuracy.py's choose stage picked (bench/results)."""
+    choice = json.loads(CHOICE.read_text())["choice"]
     assert {k: choice[k] for k in ("criterion", "allocation", "internal_only", "repair")} == DEFAULT_PIPELINE
 
 

@@ -63,8 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="fraction of measured latency to remove (pare.prune_latency)")
     how = parser.add_argument_group("pruning")
     how.add_argument("--criterion", default="auto", metavar="NAME",
-                     help="pruning criterion (see 'pare criteria'); auto: recon with --data, l1 without "
-                     "(the default pipeline, chosen on validation: docs/benchmarks.md)")
+                     help="pruning criterion (see 'pare criteria'); auto: l1, the default pipeline's choice on "
+                     "validation (docs/benchmarks.md)")
     how.add_argument("--criterion-option", type=common.key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="criterion constructor option, e.g. residual=first for similarity (repeatable)")
     how.add_argument("--allocation", choices=(*ALLOCATIONS, "auto"), default="auto",
