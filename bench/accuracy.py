@@ -54,6 +54,7 @@ import pare  # noqa: E402
 from pare.allocate import Budget  # noqa: E402
 from pare.baselines.torch_pruning import prune_with_torch_pruning  # noqa: E402
 from pare.compensate import compensate  # noqa: E402
+from pare.config import PruneConfig, RepairConfig  # noqa: E402
 from pare.count import count  # noqa: E402
 from pare.data import ImageSubset, InMemoryLoader, calibration_batches, load_dataset  # noqa: E402
 from pare.data.splits import train_val_split  # noqa: E402
@@ -158,9 +159,11 @@ def run_row(s: Setting, row: dict[str, Any], after_recal: Callable[[nn.Module], 
                                           tolerance=0.01)
         graph, removals = infer_removals(s.base, pruned, s.x)
     else:
+        # The repair runs below on the larger calibration set, for both engines alike: none inside prune.
         res = pare.prune(s.base, s.x, criterion=row["criterion"], target=target, data=s.score,
-                         allocation=row["allocation"], internal_only=row["internal_only"], round_to=row["round_to"],
-                         seed=s.seed)
+                         config=PruneConfig(allocation=row["allocation"], internal_only=row["internal_only"],
+                                            round_to=row["round_to"], seed=s.seed),
+                         repair=RepairConfig(recalibrate=False, compensate=False))
         pruned, removals = res.model, res.removals
         graph = pare.trace(s.base, s.x)
     extra: dict[str, Any] = {}
