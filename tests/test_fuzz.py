@@ -24,8 +24,16 @@ from tests.fuzz import make_corpus
 from tests.fuzz.mutate import load_and_run, make_bases, markers, mutated_artifacts
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = make_corpus.CORPUS
-INDEX: dict[str, str] = json.loads((CORPUS / "index.json").read_text())
+# The committed index (file name -> kind) pins the corpus; the files themselves are generated from
+# tests/fuzz/make_corpus.py for each run (binary files stay out of the repository).
+INDEX: dict[str, str] = json.loads((make_corpus.CORPUS / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fuzz") / "corpus"
+    assert make_corpus.generate(folder) == INDEX, "the generator and the committed index.json disagree"
+    return folder
 
 
 def _commands(path: Path, out: Path) -> dict[str, list[str]]:
@@ -43,8 +51,8 @@ def _commands(path: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def test_corpus_is_complete() -> None:
-    files = sorted(p.name for p in CORPUS.glob("*.safetensors"))
+def test_corpus_is_complete(corpus: Path) -> None:
+    files = sorted(p.name for p in corpus.glob("*.safetensors"))
     assert files == sorted(INDEX) and len(files) >= 100
     kinds = set(INDEX.values())
     assert {"newline", "carriage-return", "quote", "comment", "lookalike", "long", "deep", "huge", "version",
@@ -61,11 +69,11 @@ def test_kwarg_exploit_is_live_without_validation(tmp_path: Path, monkeypatch: p
     assert markers(tmp_path) == ["PWNED_control"]
 
 
-def test_corpus_is_refused_by_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corpus_is_refused_by_load(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     for name in INDEX:
         with pytest.raises(CheckpointError) as caught:
-            pare.load(CORPUS / name)
+            pare.load(corpus / name)
         message = str(caught.value)
         assert "\n" not in message and "\r" not in message and len(message) < 600, name
     assert markers(tmp_path) == []
@@ -78,7 +86,8 @@ def _main(argv: list[str]) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
-def test_corpus_is_refused_by_every_cli_command_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corpus_is_refused_by_every_cli_command_in_process(corpus: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Every file through ``pare.cli.main.main``; the commands take turns, so each reads ~25 hostile files
     (they all load artifacts through the same function)."""
     monkeypatch.chdir(tmp_path)
@@ -87,7 +96,7 @@ def test_corpus_is_refused_by_every_cli_command_in_process(tmp_path: Path, monke
         out = tmp_path / f"out{number}"
         out.mkdir()
         command = commands[number % len(commands)]
-        code, stderr = _main(_commands(CORPUS / name, out)[command])
+        code, stderr = _main(_commands(corpus / name, out)[command])
         lines = stderr.splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("pare: error: "), (name, command, stderr)
         assert "artifact" in lines[0] or "safetensors" in lines[0], (name, command, lines[0])
@@ -110,14 +119,14 @@ def _subprocess_cases() -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_cli_subprocess_every_command(tmp_path: Path) -> None:
+def test_cli_subprocess_every_command(corpus: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     pairs = _subprocess_cases()
     running = []
     for number, (name, command) in enumerate(pairs):
         out = tmp_path / f"out{number}"
         out.mkdir()
-        argv = _commands(CORPUS / name, out)[command]
+        argv = _commands(corpus / name, out)[command]
         process = subprocess.Popen([sys.executable, "-m", "pare.cli.main", *argv], cwd=tmp_path, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         running.append((name, command, process))
