@@ -55,15 +55,16 @@ ALTERNATIVE = "uniform, round_to=16"
 CANDIDATES = (DEFAULT, ALTERNATIVE)
 PARE_CONFIGS: dict[str, dict[str, Any]] = {
     DEFAULT: {"allocation": "uniform", "internal_only": True, "round_to": 16},
-    ALTERNATIVE: {"allocation": "uniform", "round_to": 16},
-    "global": {"allocation": "global"},
-    "uniform": {"allocation": "uniform"},
+    # internal_only stated everywhere: its default is "block-internal when the model has any" (pare.config).
+    ALTERNATIVE: {"allocation": "uniform", "internal_only": False, "round_to": 16},
+    "global": {"allocation": "global", "internal_only": False},
+    "uniform": {"allocation": "uniform", "internal_only": False},
     "global, internal, round_to=16": {"allocation": "global", "internal_only": True, "round_to": 16},
 }
 CIFAR_CONFIGS: dict[str, dict[str, Any]] = {
     "uniform, internal, round_to=8": {"allocation": "uniform", "internal_only": True, "round_to": 8},
-    "global": {"allocation": "global"},
-    "uniform": {"allocation": "uniform"},
+    "global": {"allocation": "global", "internal_only": False},
+    "uniform": {"allocation": "uniform", "internal_only": False},
     "global, internal": {"allocation": "global", "internal_only": True},
 }
 
