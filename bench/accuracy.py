@@ -140,9 +140,8 @@ def setting(model_name: str, seed: int, tests: bool) -> Setting:
 
 
 def top1(model: nn.Module, loader: InMemoryLoader) -> float:
-    """Top-1 as a fraction."""
-    value = float(evaluate(model, loader, topk=(1,))["top1"])
-    return round(value / 100.0 if value > 1.0 else value, 5)
+    """Top-1 as a fraction (what pare.evaluate returns)."""
+    return round(float(evaluate(model, loader, topk=(1,))["top1"]), 5)
 
 
 def run_row(s: Setting, row: dict[str, Any], after_recal: Callable[[nn.Module], dict[str, Any]] | None = None
